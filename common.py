@@ -1,0 +1,1047 @@
+"""Shared toolbox for the effssl method scripts (see SPEC.md section 1).
+
+Plain functions and small classes, grouped by section: errors, data, patches and augmentation,
+model, optimiser and schedule, distributed, checkpoint, logging and probes. Nothing here is a
+framework: every method script reads top to bottom and calls what it needs.
+
+Also a small command line:
+    python common.py build-in100 --imagenet /data/imagenet --out /data/in100
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+# ---------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------
+
+
+class UserError(Exception):
+    """A mistake in the command line or the inputs: reported as one line on stderr, exit 2."""
+
+
+def fail(msg):
+    """Stop with one clear line on stderr and exit code 2 (a user mistake, never a traceback)."""
+    raise UserError(msg)
+
+
+def run_cli(main):
+    """Call main(); a UserError becomes 'error: ...' on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+
+# channel statistics for normalisation (the EMP-SSL code uses mean = std = 0.5 instead)
+STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+}
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "tinyimagenet": 64, "in100": 224, "synthetic": 32}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10, "tinyimagenet": 200, "in100": 100, "synthetic": 10}
+DATASETS = ("cifar10", "cifar100", "stl10", "tinyimagenet", "in100", "folder", "synthetic")
+IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+
+# The 100 ImageNet classes of CMC (Tian et al. 2019), used by solo-learn, EMP-SSL and BagSSL.
+IN100_CLASSES = """
+n02869837 n01749939 n02488291 n02107142 n13037406 n02091831 n04517823 n04589890 n03062245 n01773797
+n01735189 n07831146 n07753275 n03085013 n04485082 n02105505 n01983481 n02788148 n03530642 n04435653
+n02086910 n02859443 n13040303 n03594734 n02085620 n02099849 n01558993 n04493381 n02109047 n04111531
+n02877765 n04429376 n02009229 n01978455 n02106550 n01820546 n01692333 n07714571 n02974003 n02114855
+n03785016 n03764736 n03775546 n02087046 n07836838 n04099969 n04592741 n03891251 n02701002 n03379051
+n02259212 n07715103 n03947888 n04026417 n02326432 n03637318 n01980166 n02113799 n02086240 n03903868
+n02483362 n04127249 n02089973 n03017168 n02093428 n02804414 n02396427 n04418357 n02172182 n01729322
+n02113978 n03787032 n02089867 n02119022 n03777754 n04238763 n02231487 n03032252 n02138441 n02104029
+n03837869 n03494278 n04136333 n03794056 n03492542 n02018207 n04067472 n03930630 n03584829 n02123045
+n04229816 n02100583 n03642806 n04336792 n03259280 n02116738 n02108089 n03424325 n01855672 n02090622
+""".split()
+
+
+class ImageSet:
+    """A labelled image set: either uint8 `images` [N,3,S,S] held in memory, or image `files`
+    decoded on the fly (large sets such as in100) by `load_files`."""
+
+    def __init__(self, labels, num_classes, size, images=None, files=None):
+        self.labels, self.num_classes, self.size = labels, num_classes, size
+        self.images, self.files = images, files
+
+    def __len__(self):
+        return len(self.labels)
+
+    def subset(self, idx):
+        """The images at positions idx (a LongTensor) as a new ImageSet."""
+        imgs = self.images[idx] if self.images is not None else None
+        files = [self.files[i] for i in idx.tolist()] if self.files is not None else None
+        return ImageSet(self.labels[idx], self.num_classes, self.size, imgs, files)
+
+    def get(self, idx, workers=0):
+        """uint8 images [len(idx),3,S,S] on the CPU."""
+        if self.images is not None:
+            return self.images[idx]
+        return load_files([self.files[i] for i in idx.tolist()], self.size, workers)
+
+
+def _decode(path, size):
+    """Decode one image file to uint8 [3,size,size]: resize the short side (size*8/7 for large
+    images, i.e. 256 for 224, as the ImageNet protocol), then centre crop."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+    try:
+        img = decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except Exception:  # formats torchvision.io cannot read: fall back to PIL
+        from PIL import Image
+        with Image.open(path) as im:
+            img = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+    h, w = img.shape[-2:]
+    if (h, w) != (size, size):
+        short = size if size <= 96 else round(size * 8 / 7)
+        img = torchvision.transforms.functional.resize(img, short, antialias=True)
+        img = torchvision.transforms.functional.center_crop(img, size)
+    return img
+
+
+def load_files(files, size, workers=0):
+    """Decode a list of image files to one uint8 tensor [N,3,size,size]."""
+    if workers > 0 and len(files) > 256:
+        from concurrent.futures import ThreadPoolExecutor  # torchvision.io releases the GIL
+        with ThreadPoolExecutor(workers) as pool:
+            return torch.stack(list(pool.map(lambda f: _decode(f, size), files, chunksize=64)))
+    return torch.stack([_decode(f, size) for f in files])
+
+
+def _scan_folder(root):
+    """ImageFolder layout: one sub-folder per class (sorted), images anywhere below it."""
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        for dirpath, _, names in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+            for n in sorted(names):
+                if n.lower().endswith(IMG_EXT):
+                    files.append(os.path.join(dirpath, n))
+                    labels.append(c)
+    return classes, files, labels
+
+
+def _cache_path(root, size):
+    cache = os.environ.get("EFFSSL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "effssl"))
+    key = hashlib.sha1(f"{os.path.realpath(root)}:{size}".encode()).hexdigest()[:16]
+    return os.path.join(cache, f"images-{key}.pt")
+
+
+def _folder_set(root, size, in_memory, workers):
+    classes, files, labels = _scan_folder(root)
+    if not files:
+        fail(f"no images found under {root} (expected one sub-folder per class holding image files)")
+    labels = torch.tensor(labels)
+    if not in_memory:
+        return ImageSet(labels, len(classes), size, files=files)
+    cache = _cache_path(root, size)
+    if os.path.exists(cache):  # decoded once, reused by later runs
+        blob = torch.load(cache, weights_only=True)
+        if blob["n"] == len(files) and torch.equal(blob["labels"], labels):
+            return ImageSet(labels, len(classes), size, images=blob["images"])
+    images = load_files(files, size, workers=max(workers, 2))
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        atomic_save({"n": len(files), "labels": labels, "images": images}, cache)
+    except OSError:
+        pass  # a read-only cache only costs the decode next time
+    return ImageSet(labels, len(classes), size, images=images)
+
+
+def synthetic_set(split, seed=0, n=None):
+    """Procedural 32x32 images whose class is carried by local texture (orientation and period
+    of a grating, sign of the orientation random), under nuisance colour, brightness,
+    position (phase), a distractor blob and noise: patches co-occur within an image by texture,
+    so patch-based SSL can learn it, and a random network is not already good at it."""
+    n = n or (10000 if split == "train" else 2000)
+    g = torch.Generator().manual_seed(seed * 7919 + (0 if split == "train" else 1))
+    labels = torch.arange(n) % 10
+    labels = labels[torch.randperm(n, generator=g)]
+    theta = (labels % 5).float() * (math.pi / 10) + math.pi / 20  # 5 orientations in (0, pi/2)
+    theta = theta * (torch.randint(0, 2, (n,), generator=g) * 2 - 1)  # sign is a nuisance (flip)
+    period = torch.where(labels < 5, 4.0, 9.0)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    phase = torch.rand(n, generator=g) * 2 * math.pi
+    u = xx[None] * torch.cos(theta)[:, None, None] + yy[None] * torch.sin(theta)[:, None, None]
+    tex = torch.sin(2 * math.pi * u / period[:, None, None] + phase[:, None, None])  # [n,32,32]
+    amp = 0.15 + 0.2 * torch.rand(n, 1, 1, 1, generator=g)
+    base = 0.2 + 0.6 * torch.rand(n, 3, 1, 1, generator=g)  # nuisance colour
+    tint = 0.3 + 0.7 * torch.rand(n, 3, 1, 1, generator=g)
+    img = base + amp * tint * tex[:, None]
+    # a smooth distractor blob of random colour at a random place
+    cy, cx = torch.rand(n, 2, generator=g).mul(32).unbind(1)
+    blob = torch.exp(-((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2) / 40.0)
+    img = img + (torch.rand(n, 3, 1, 1, generator=g) - 0.5) * 0.8 * blob[:, None]
+    img = img + 0.08 * torch.randn(n, 3, 32, 32, generator=g)
+    images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    return ImageSet(labels, 10, 32, images=images)
+
+
+def _torchvision_set(name, root, split):
+    """CIFAR / STL-10 in torchvision's own format under root, or None when it is not there."""
+    tv = torchvision.datasets
+    try:
+        if name in ("cifar10", "cifar100"):
+            cls = tv.CIFAR10 if name == "cifar10" else tv.CIFAR100
+            ds = cls(root, train=(split == "train"), download=False)
+            images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+            labels = torch.tensor(ds.targets)
+        elif name == "stl10":
+            splits = {"train": ["train"], "test": ["test"], "ssl": ["unlabeled", "train"]}[split]
+            sets = [tv.STL10(root, split=s, download=False) for s in splits]
+            images = torch.cat([torch.from_numpy(s.data) for s in sets])
+            labels = torch.cat([torch.from_numpy(s.labels).long() for s in sets])
+        else:
+            return None
+    except RuntimeError:  # "Dataset not found or corrupted"
+        return None
+    return ImageSet(labels, NUM_CLASSES[name], IMAGE_SIZE[name], images=images)
+
+
+def load_dataset(name, data_dir, split, image_size=None, workers=0, download=False, seed=0):
+    """Load split ('train', 'test' or 'ssl' = the SSL training set) of a data set as an ImageSet
+    of uint8 images of the data set's fixed size. Missing data: one clear error (exit 2)."""
+    if name not in DATASETS:
+        fail(f"unknown data set '{name}' (choose from {', '.join(DATASETS)})")
+    if name == "synthetic":
+        return synthetic_set("train" if split in ("train", "ssl") else "test", seed)
+    size = image_size or IMAGE_SIZE.get(name)
+    if size is None:
+        fail("--dataset folder needs --image-size")
+    if split == "ssl":
+        split = "train" if name != "stl10" else "ssl"
+    if not data_dir or not os.path.isdir(data_dir):
+        hint = " or pass --download" if name in ("cifar10", "cifar100", "stl10") else ""
+        fail(f"data directory '{data_dir}' not found: expected {layout_hint(name)}{hint}")
+    if name in ("cifar10", "cifar100", "stl10"):
+        ds = _torchvision_set(name, data_dir, split)
+        if ds is None and download:
+            tv = torchvision.datasets
+            try:
+                if name == "stl10":
+                    tv.STL10(data_dir, split="train", download=True)
+                else:
+                    (tv.CIFAR10 if name == "cifar10" else tv.CIFAR100)(data_dir, download=True)
+            except Exception as e:
+                fail(f"could not download {name} into {data_dir}: {e.__class__.__name__}")
+            ds = _torchvision_set(name, data_dir, split)
+        if ds is not None:
+            return ds
+    sub = {"train": ["train"], "ssl": ["unlabeled", "train"], "test": ["test", "val"]}[split]
+    for s in sub:
+        root = os.path.join(data_dir, s)
+        if os.path.isdir(root):
+            return _folder_set(root, size, in_memory=size <= 96, workers=workers)
+    fail(f"data directory '{data_dir}' does not hold {name}: expected {layout_hint(name)}")
+
+
+def layout_hint(name):
+    """The layout load_dataset expects for a data set, for error messages."""
+    tv = {"cifar10": "cifar-10-batches-py/", "cifar100": "cifar-100-python/", "stl10": "stl10_binary/"}
+    folder = "train/<class>/*.jpg and test/<class>/*.jpg (or val/)"
+    if name in tv:
+        return f"torchvision's {tv[name]} or an ImageFolder tree {folder}"
+    return f"an ImageFolder tree {folder}"
+
+
+def data_stats(name):
+    """(mean, std) per channel for normalisation."""
+    return STATS.get(name, IMAGENET_STATS)
+
+
+def subset_indices(n, k, seed=0):
+    """The first k of a fixed seeded permutation of range(n) (--subset, --train-fraction)."""
+    if k >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+
+def steps_per_epoch(n, batch_size):
+    """Optimizer steps per epoch (the last incomplete global batch is dropped)."""
+    return n // batch_size
+
+
+def epoch_batches(ds, batch_size, epoch, seed, rank=0, world=1, start=0, workers=0):
+    """Yield (uint8 images, labels, indices) of this rank's slice of each global batch.
+
+    The order is a permutation seeded by (seed, epoch), the same on every rank; rank r takes the
+    r-th slice of every global batch, so the ranks together see exactly the batches a single
+    process would. `start` skips the first batches (resume mid-epoch)."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    perm = torch.randperm(len(ds), generator=g)
+    local = batch_size // world
+    steps = steps_per_epoch(len(ds), batch_size)
+    chunks = [perm[s * batch_size + rank * local: s * batch_size + (rank + 1) * local] for s in range(start, steps)]
+    if ds.images is not None:
+        for idx in chunks:
+            yield ds.images[idx], ds.labels[idx], idx
+        return
+    loader = torch.utils.data.DataLoader(_FileBatches(ds, chunks), batch_size=None, num_workers=workers,
+                                         pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
+                                         persistent_workers=False)
+    for (imgs, idx) in loader:
+        yield imgs, ds.labels[idx], idx
+
+
+class _FileBatches(torch.utils.data.Dataset):
+    """Decode one precomputed batch of files per item (DataLoader workers do the decoding)."""
+
+    def __init__(self, ds, chunks):
+        self.ds, self.chunks = ds, chunks
+
+    def __len__(self):
+        return len(self.chunks)
+
+    def __getitem__(self, i):
+        return load_files([self.ds.files[j] for j in self.chunks[i].tolist()], self.ds.size), self.chunks[i]
+
+
+def build_in100(imagenet, out):
+    """Build the in100 ImageFolder tree (train/, val/) of symlinks from a full ImageNet folder
+    whose train/ and val/ both hold one sub-folder per class."""
+    for split in ("train", "val"):
+        src = os.path.join(imagenet, split)
+        missing = [c for c in IN100_CLASSES if not os.path.isdir(os.path.join(src, c))]
+        if missing:
+            fail(f"{src} lacks class folders {missing[:3]}... (val/ must be sorted into class folders)")
+        os.makedirs(os.path.join(out, split), exist_ok=True)
+        for c in IN100_CLASSES:
+            dst = os.path.join(out, split, c)
+            if not os.path.lexists(dst):
+                os.symlink(os.path.realpath(os.path.join(src, c)), dst)
+    print(f"in100: {len(IN100_CLASSES)} classes linked under {out}/train and {out}/val")
+
+
+# ---------------------------------------------------------------------------------------------
+# patches and augmentation (batched, per sample, on the training device)
+# ---------------------------------------------------------------------------------------------
+
+
+def resized_crops(images, boxes, out_size):
+    """Crop boxes [N,4] = (top, left, height, width) from images [N,C,H,W] and resize each to
+    out_size x out_size, bilinear, exactly as F.interpolate(crop, align_corners=False) on every
+    crop (no antialias). One batched gather: crops may differ in size."""
+    n, c, h, w = images.shape
+    x = images.float()
+    dev = x.device
+    i = torch.arange(out_size, device=dev, dtype=torch.float32)
+
+    def src(start, length):  # source coordinates of one axis, clamped as interpolate does
+        pos = ((i[None] + 0.5) * (length[:, None].float() / out_size) - 0.5).clamp(min=0)
+        lo = torch.minimum(pos.floor().long(), length[:, None] - 1)
+        hi = torch.minimum(lo + 1, length[:, None] - 1)
+        frac = (pos - lo.float()).clamp(0, 1)
+        return lo + start[:, None], hi + start[:, None], frac
+
+    top, left, hh, ww = boxes.unbind(1)
+    y0, y1, fy = src(top, hh)
+    x0, x1, fx = src(left, ww)
+    ar = torch.arange(n, device=dev)[:, None, None]
+    ch = torch.arange(c, device=dev)[None, :, None]
+    rows = x[ar, ch, y0[:, None, :]] * (1 - fy)[:, None, :, None] + x[ar, ch, y1[:, None, :]] * fy[:, None, :, None]
+    # rows: [N, C, out, W]; now the columns
+    rows = rows.permute(0, 1, 3, 2)  # [N, C, W, out]
+    cols = rows[ar, ch, x0[:, None, :]] * (1 - fx)[:, None, :, None] + rows[ar, ch, x1[:, None, :]] * fx[:, None, :, None]
+    return cols.permute(0, 1, 3, 2).contiguous()
+
+
+def sample_patches(images, n, size, out_size, generator=None):
+    """EMP-SSL's patches: n uniformly placed size x size crops of each image (overlap allowed),
+    resized to out_size. Returns (patches [n*B,C,out,out] float in [0,1], boxes [n*B,4]),
+    view-major: patches[i*B + b] is patch i of image b, so X_i = patches[i*B:(i+1)*B]."""
+    b, _, h, w = images.shape
+    if size > min(h, w):
+        fail(f"patch size {size} is larger than the {h}x{w} images")
+    dev = images.device
+    top = torch.randint(0, h - size + 1, (n * b,), device=dev, generator=generator)
+    left = torch.randint(0, w - size + 1, (n * b,), device=dev, generator=generator)
+    s = torch.full_like(top, size)
+    boxes = torch.stack([top, left, s, s], 1)
+    return resized_crops(images.repeat(n, 1, 1, 1), boxes, out_size), boxes
+
+
+def random_resized_boxes(n, h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None, device="cpu"):
+    """Boxes (top, left, height, width) as torchvision's RandomResizedCrop.get_params draws them,
+    vectorised: 10 tries per sample, then the same central-crop fallback."""
+    area = h * w
+    tries = 10
+    log_r = torch.log(torch.tensor(ratio, device=device))
+    a = torch.empty(n, tries, device=device).uniform_(scale[0], scale[1], generator=generator) * area
+    r = torch.exp(torch.empty(n, tries, device=device).uniform_(log_r[0].item(), log_r[1].item(), generator=generator))
+    cw = torch.sqrt(a * r).round().long()
+    chh = torch.sqrt(a / r).round().long()
+    ok = (cw > 0) & (chh > 0) & (cw <= w) & (chh <= h)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1, device=device))
+    # fallback: central crop with the ratio clamped into range
+    in_ratio = w / h
+    if in_ratio < min(ratio):
+        fw, fh = w, int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        fh, fw = h, int(round(h * max(ratio)))
+    else:
+        fw, fh = w, h
+    sel = first.clamp(min=0)[:, None]
+    cw = torch.where(first >= 0, cw.gather(1, sel)[:, 0], torch.full_like(first, fw))
+    chh = torch.where(first >= 0, chh.gather(1, sel)[:, 0], torch.full_like(first, fh))
+    u = torch.rand(n, 2, device=device, generator=generator)
+    top = torch.where(first >= 0, (u[:, 0] * (h - chh + 1)).floor().long(), (h - chh) // 2)
+    left = torch.where(first >= 0, (u[:, 1] * (w - cw + 1)).floor().long(), (w - cw) // 2)
+    return torch.stack([top, left, chh, cw], 1)
+
+
+def sample_views(images, m, out_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
+    """m random resized crops of each image (multi-view methods), view-major like sample_patches."""
+    b, _, h, w = images.shape
+    boxes = random_resized_boxes(m * b, h, w, scale, ratio, generator, images.device)
+    return resized_crops(images.repeat(m, 1, 1, 1), boxes, out_size), boxes
+
+
+def grayscale(x):
+    """ITU-R 601-2 luma as torchvision's rgb_to_grayscale, [N,1,H,W]."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _blend(a, b, f):
+    return (f * a + (1 - f) * b).clamp(0, 1)
+
+
+def rgb_to_hsv(x):
+    """Batched RGB -> HSV in [0,1], the same arithmetic as torchvision's tensor adjust_hue."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.max(1).values, x.min(1).values
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    crd = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    return torch.stack((h, s, maxc), 1)
+
+
+def hsv_to_rgb(x):
+    """Batched HSV -> RGB, inverse of rgb_to_hsv (torchvision's formulas)."""
+    h, s, v = x.unbind(1)
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.long() % 6
+    p = (v * (1.0 - s)).clamp(0, 1)
+    q = (v * (1.0 - s * f)).clamp(0, 1)
+    t = (v * (1.0 - s * (1.0 - f))).clamp(0, 1)
+    table = torch.stack([torch.stack(c, 1) for c in
+                         [(v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q)]], 1)  # [N,3,6,H,W]
+    return table.gather(2, i[:, None, None].expand(-1, 3, 1, -1, -1)).squeeze(2)
+
+
+def adjust_brightness(x, f):
+    return _blend(x, torch.zeros_like(x), f.view(-1, 1, 1, 1))
+
+
+def adjust_contrast(x, f):
+    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    return _blend(x, mean, f.view(-1, 1, 1, 1))
+
+
+def adjust_saturation(x, f):
+    return _blend(x, grayscale(x), f.view(-1, 1, 1, 1))
+
+
+def adjust_hue(x, f):
+    hsv = rgb_to_hsv(x)
+    h = torch.remainder(hsv[:, 0] + f.view(-1, 1, 1), 1.0)
+    return hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), 1))
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    """Per-sample Gaussian blur with reflect padding, as torchvision's gaussian_blur."""
+    n, c, h, w = x.shape
+    half = (kernel_size - 1) * 0.5
+    t = torch.linspace(-half, half, kernel_size, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t[None] / sigma.to(x.dtype)[:, None]) ** 2)
+    k = k / k.sum(1, keepdim=True)  # [N,K]
+    pad = kernel_size // 2
+    y = F.pad(x, [pad, pad, pad, pad], mode="reflect").reshape(1, n * c, h + 2 * pad, w + 2 * pad)
+    kc = k.repeat_interleave(c, 0)  # one kernel per (sample, channel) group
+    y = F.conv2d(y, kc[:, None, :, None], groups=n * c)  # vertical
+    y = F.conv2d(y, kc[:, None, None, :], groups=n * c)  # horizontal
+    return y.reshape(n, c, h, w)
+
+
+def solarize(x, threshold=0.5):
+    return torch.where(x >= threshold, 1.0 - x, x)
+
+
+JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # torchvision's fn_idx order
+
+
+class AugConfig:
+    """Probabilities and ranges of the VICReg-style augmentation (EMP-SSL A.1 defaults)."""
+
+    def __init__(self, flip=0.5, jitter=(0.4, 0.4, 0.4, 0.2), p_jitter=0.8, p_gray=0.2, p_blur=0.1,
+                 blur_sigma=(0.1, 2.0), p_solarize=0.1, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+        self.flip, self.jitter, self.p_jitter, self.p_gray = flip, jitter, p_jitter, p_gray
+        self.p_blur, self.blur_sigma, self.p_solarize = p_blur, blur_sigma, p_solarize
+        self.mean, self.std = mean, std
+
+
+def draw_aug_params(n, cfg, generator=None, device="cpu"):
+    """Draw every augmentation parameter per sample (never per batch)."""
+    def u(lo, hi):
+        return torch.empty(n, device=device).uniform_(lo, hi, generator=generator)
+
+    def coin(p):
+        return torch.rand(n, device=device, generator=generator) < p
+
+    b, c, s, h = cfg.jitter
+    return {
+        "flip": coin(cfg.flip),
+        "jitter": coin(cfg.p_jitter),
+        "order": torch.rand(n, 4, device=device, generator=generator).argsort(1),  # random order per sample
+        "brightness": u(max(0, 1 - b), 1 + b), "contrast": u(max(0, 1 - c), 1 + c),
+        "saturation": u(max(0, 1 - s), 1 + s), "hue": u(-h, h),
+        "gray": coin(cfg.p_gray),
+        "blur": coin(cfg.p_blur), "sigma": u(*cfg.blur_sigma),
+        "solarize": coin(cfg.p_solarize),
+    }
+
+
+def blur_kernel_size(size):
+    """Odd kernel of about 10% of the image side (23 px at 224, as VICReg; 3 px at 32)."""
+    return max(3, int(0.1 * size) // 2 * 2 + 1)
+
+
+def apply_augment(x, p):
+    """Apply drawn parameters to x [N,3,H,W] in [0,1]: flip, colour jitter in each sample's
+    random order, grayscale, blur, solarize. Ops run only on the samples that draw them."""
+    x = torch.where(p["flip"].view(-1, 1, 1, 1), x.flip(-1), x)
+    factors = (p["brightness"], p["contrast"], p["saturation"], p["hue"])
+    for k in range(4):
+        for j, op in enumerate(JITTER_OPS):
+            idx = (p["jitter"] & (p["order"][:, k] == j)).nonzero().squeeze(1)
+            if idx.numel():
+                x = x.index_copy(0, idx, op(x[idx], factors[j][idx]))
+    idx = p["gray"].nonzero().squeeze(1)
+    if idx.numel():
+        x = x.index_copy(0, idx, grayscale(x[idx]).expand(-1, 3, -1, -1))
+    idx = p["blur"].nonzero().squeeze(1)
+    if idx.numel():
+        x = x.index_copy(0, idx, gaussian_blur(x[idx], p["sigma"][idx], blur_kernel_size(x.shape[-1])))
+    idx = p["solarize"].nonzero().squeeze(1)
+    if idx.numel():
+        x = x.index_copy(0, idx, solarize(x[idx]))
+    return x
+
+
+def normalize(x, mean, std):
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def augment(x, cfg, generator=None):
+    """The whole per-sample augmentation then normalisation, on x's device."""
+    return normalize(apply_augment(x, draw_aug_params(len(x), cfg, generator, x.device)), cfg.mean, cfg.std)
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------
+
+
+def resnet(arch="resnet18", stem="cifar"):
+    """torchvision ResNet without fc; the CIFAR stem (3x3 conv, stride 1, no max-pool) suits
+    32-64 px inputs. Returns the backbone; backbone.dim is the embedding size."""
+    if arch not in ("resnet18", "resnet34", "resnet50"):
+        fail(f"unknown --arch {arch} (resnet18, resnet34 or resnet50)")
+    net = getattr(torchvision.models, arch)(weights=None)
+    if stem == "cifar":
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    net.dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net
+
+
+def default_stem(dataset, image_size=None):
+    """CIFAR stem up to 64 px images, ImageNet stem above."""
+    size = image_size or IMAGE_SIZE.get(dataset, 224)
+    return "cifar" if size <= 64 else "imagenet"
+
+
+def feature_map(backbone, x):
+    """The last convolutional feature map [N,C,h,w] (BagSSL's local aggregation)."""
+    b = backbone
+    x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+    return b.layer4(b.layer3(b.layer2(b.layer1(x))))
+
+
+def forward_checkpointed(backbone, x):
+    """backbone(x) recomputing activations block by block in backward (--grad-checkpoint):
+    only block inputs are kept. Each block sees the whole batch, so BatchNorm statistics and
+    gradients equal the plain forward (running statistics are updated twice per step)."""
+    from torch.utils.checkpoint import checkpoint
+    b = backbone
+    x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+    for layer in (b.layer1, b.layer2, b.layer3, b.layer4):
+        for block in layer:
+            x = checkpoint(block, x, use_reentrant=False)
+    return torch.flatten(b.avgpool(x), 1)
+
+
+def projector(in_dim, spec, bias=True):
+    """Linear-BN-ReLU blocks then a Linear, dims from a string like '4096-512'."""
+    dims = [in_dim] + [int(d) for d in spec.split("-")]
+    layers = []
+    for a, b in zip(dims[:-2], dims[1:-1]):
+        layers += [nn.Linear(a, b, bias=bias), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(dims[-2], dims[-1], bias=bias))
+    return nn.Sequential(*layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# optimiser and schedule
+# ---------------------------------------------------------------------------------------------
+
+
+class LARS(torch.optim.SGD):
+    """LARS as the official EMP-SSL code applies it: a trust ratio on the gradient, then SGD
+    with Nesterov momentum. For every parameter with ndim > 1:
+        g <- (g + wd * w) * min(eta * |w| / (|g| + wd * |w| + 1e-8) / lr, 1)
+    (skipped, weight decay included, when |w| or |g| is 0); ndim == 1 parameters (biases, norm
+    weights) get neither weight decay nor the trust ratio."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.005, nesterov=True, eps=1e-8):
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0)
+        for group in self.param_groups:
+            group.setdefault("lars_weight_decay", weight_decay)
+            group.setdefault("eta", eta)
+            group.setdefault("eps", eps)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            wd, eta, lr = group["lars_weight_decay"], group["eta"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None or p.ndim <= 1:
+                    continue
+                w_norm, g_norm = torch.norm(p), torch.norm(p.grad)
+                ratio = eta * w_norm / (g_norm + wd * w_norm + group["eps"]) / max(lr, 1e-12)
+                ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio.clamp(max=1.0), torch.ones_like(ratio))
+                wd_eff = torch.where((w_norm > 0) & (g_norm > 0), wd, 0.0)
+                p.grad.add_(wd_eff * p).mul_(ratio)
+        return super().step(closure)
+
+
+def cosine_lr(step, total, base_lr, warmup=0, final=0.0):
+    """Linear warm-up over `warmup` steps, then cosine from base_lr to `final` at `total`."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return final + (base_lr - final) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def set_lr(optimizer, lr):
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed
+# ---------------------------------------------------------------------------------------------
+
+
+def init_distributed():
+    """Set up torchrun's process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU).
+    Returns (rank, world_size, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+class GatherLayer(torch.autograd.Function):
+    """all_gather that keeps gradients (as the official VICReg code): backward sums the
+    gradients of every rank's copy of the loss, so that DDP's averaging of parameter gradients
+    gives exactly the gradient of the global-batch loss."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        g = torch.stack(grads)
+        dist.all_reduce(g)
+        return g[dist.get_rank()]
+
+
+def gather(x):
+    """Concatenate x over ranks along dim 0, differentiably (identity in a single process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    return torch.cat(GatherLayer.apply(x), 0)
+
+
+def gather_views(z, n):
+    """Gather view-major rows [n*b, d] over ranks into the view-major global batch [n*B, d]."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return z
+    b = z.shape[0] // n
+    parts = GatherLayer.apply(z.reshape(n, b, -1))  # world x [n, b, d]
+    return torch.cat(parts, 1).reshape(n * b * len(parts), -1)
+
+
+def all_gather_nograd(x):
+    """Concatenate x over ranks without gradient (indices, labels, bank updates)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    out = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, 0)
+
+
+def wrap_ddp(model, device, sync_bn=True):
+    """SyncBatchNorm (CUDA only) and DistributedDataParallel when running under torchrun."""
+    if not dist.is_initialized():
+        return model
+    if sync_bn and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints and resume
+# ---------------------------------------------------------------------------------------------
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then os.replace: never a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, method=None):
+    """torch.load(weights_only=True); an unreadable or foreign file is a user error."""
+    if not os.path.isfile(path):
+        fail(f"checkpoint '{path}' not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"cannot read checkpoint '{path}' ({e.__class__.__name__}): not a torch checkpoint or not safe to load")
+    if not isinstance(ckpt, dict) or "method" not in ckpt or "backbone" not in ckpt:
+        fail(f"checkpoint '{path}' was not written by an effssl method script")
+    if method is not None and ckpt["method"] != method:
+        fail(f"checkpoint '{path}' belongs to {ckpt['method']}, not {method}")
+    return ckpt
+
+
+def rng_state(generator):
+    """Every random state a resumed run needs to continue exactly."""
+    state = {"torch": torch.get_rng_state(), "gen": generator.get_state(), "numpy": _np_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state, generator):
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["gen"])
+    np.random.set_state(("MT19937", state["numpy"][0].numpy(), int(state["numpy"][1]), 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _np_state():
+    s = np.random.get_state()
+    return [torch.from_numpy(s[1].astype(np.int64)), torch.tensor(s[2])]
+
+
+def make_generator(seed, rank, device):
+    """The per-rank generator for patches and augmentations (seeded, saved in checkpoints)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed * 1000 + rank)
+    return g
+
+
+def crash_for_test(step):
+    """Test hook: EFFSSL_CRASH_AT_STEP=k makes the process die hard (no cleanup) after step k,
+    as a killed worker would; resume tests use it."""
+    if os.environ.get("EFFSSL_CRASH_AT_STEP") == str(step):
+        os._exit(137)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line, run set-up, logging
+# ---------------------------------------------------------------------------------------------
+
+
+def base_parser(description, **defaults):
+    """The flags every method script shares (SPEC 1.1); `defaults` gives the method's paper
+    values, e.g. base_parser(__doc__, epochs=10, batch_size=100, lr=0.3)."""
+    d = dict(dataset="cifar10", epochs=10, batch_size=256, lr=0.1, weight_decay=1e-4, arch="resnet18")
+    d.update(defaults)
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--dataset", default=d["dataset"], choices=DATASETS, help="data set (SPEC 1.2)")
+    a("--data-dir", default=None, help="data root (default ./data/<dataset>)")
+    a("--image-size", type=int, default=None, help="image side for --dataset folder")
+    a("--download", action="store_true", help="let torchvision download CIFAR / STL-10 into --data-dir")
+    a("--epochs", type=int, default=d["epochs"], help=d.get("epochs_help", "training epochs"))
+    a("--batch-size", type=int, default=d["batch_size"], help=d.get("batch_help", "GLOBAL batch size (split over ranks)"))
+    a("--lr", type=float, default=d["lr"], help=d.get("lr_help", "base learning rate"))
+    a("--weight-decay", type=float, default=d["weight_decay"], help=d.get("wd_help", "weight decay"))
+    a("--arch", default=d["arch"], choices=["resnet18", "resnet34", "resnet50"], help=d.get("arch_help", "backbone"))
+    a("--out", default=None, help="output directory (default runs/<method>-<dataset>-<time>)")
+    a("--resume", action="store_true", help="continue from <out>/checkpoint.pt when it exists")
+    a("--seed", type=int, default=0)
+    a("--workers", type=int, default=4, help="data loading workers (file-based data sets)")
+    a("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="autocast on CUDA (the CPU runs float32)")
+    a("--channels-last", action="store_true", help="channels_last memory format (GPU speed)")
+    a("--compile", action="store_true", help="torch.compile the backbone")
+    a("--subset", type=int, default=None, help="train on the first N images of a fixed seeded permutation")
+    a("--max-steps", type=int, default=None, help="stop after K optimizer steps (schedules still span the run)")
+    a("--log-every", type=int, default=20, help="progress line every K steps")
+    a("--save-every", type=int, default=1000, help="checkpoint every K steps (and at every epoch end)")
+    a("--eval-every", type=int, default=0, help="quick k-NN probe every E epochs and at the end (0 = off)")
+    a("--no-sync-bn", action="store_true", help="keep per-rank BatchNorm under DDP on CUDA")
+    return p
+
+
+def resolve_common(args, method):
+    """Fill data-dependent defaults; check the batch splits over the ranks."""
+    args.method = method
+    args.data_dir = args.data_dir or os.path.join("data", args.dataset)
+    if args.out is None:
+        args.out = os.path.join("runs", f"{method}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    ws = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size <= 0 or args.batch_size % ws:
+        fail(f"--batch-size {args.batch_size} does not split over {ws} ranks")
+    if args.epochs <= 0:
+        fail("--epochs must be positive")
+    return args
+
+
+def load_train_set(args):
+    """The SSL training set, cut to --subset when given."""
+    ds = load_dataset(args.dataset, args.data_dir, "ssl", args.image_size, args.workers, args.download, args.seed)
+    if args.subset:
+        ds = ds.subset(subset_indices(len(ds), args.subset))
+    if steps_per_epoch(len(ds), args.batch_size) == 0:
+        fail(f"--batch-size {args.batch_size} is larger than the {len(ds)} training images")
+    return ds
+
+
+def autocast(args, device):
+    """bf16/fp16 autocast on CUDA; a no-op context on the CPU."""
+    if device.type != "cuda" or args.amp == "off":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
+
+
+def check_finite(loss, step, out):
+    """A non-finite loss stops the run with the step number; the last good checkpoint stays."""
+    if not torch.isfinite(loss).all():
+        print(f"error: non-finite loss at step {step}; stopping, last good checkpoint kept in {out}",
+              file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(3)
+
+
+class Logger:
+    """Rank-0 progress lines (loss terms, lr, patches/s, ETA), args.json and metrics.jsonl."""
+
+    def __init__(self, args, total_steps, start_step=0):
+        self.out, self.total = args.out, total_steps
+        self.main = is_main()
+        self.t0, self.s0, self.n = time.time(), start_step, 0
+        self.tl, self.sl = self.t0, start_step
+        if self.main:
+            os.makedirs(self.out, exist_ok=True)
+            with open(os.path.join(self.out, "args.json"), "w") as f:
+                json.dump(vars(args), f, indent=1)
+
+    def write(self, record):
+        if self.main:
+            with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def elapsed(self):
+        return time.time() - self.t0
+
+    def step(self, epoch, step, terms, lr, patches, every):
+        """Call after every optimizer step with the global patches of that step."""
+        self.n += patches
+        if not self.main or (step % every and step != self.total):
+            return
+        now = time.time()
+        rate = self.n / max(now - self.tl, 1e-9)
+        eta = (now - self.t0) / max(step - self.s0, 1) * (self.total - step)
+        terms = {k: float(v) for k, v in terms.items()}
+        body = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
+        print(f"epoch {epoch} step {step}/{self.total} {body} lr {lr:.4g} patches/s {rate:.0f} "
+              f"eta {eta / 60:.1f} min", flush=True)
+        self.write({"epoch": epoch, "step": step, **terms, "lr": lr, "patches_per_s": rate,
+                    "elapsed_s": now - self.t0})
+        self.tl, self.n = now, 0
+
+
+def open_run(args, generator, model, optimizer, method_state=None):
+    """Resume from <out>/checkpoint.pt when --resume and it exists: load model, optimiser, RNG
+    and method state in place. Returns the global step to start from (0 for a fresh run)."""
+    path = os.path.join(args.out, "checkpoint.pt")
+    if not (args.resume and os.path.exists(path)):
+        return 0
+    ckpt = load_checkpoint(path, args.method)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"][min(dist.get_rank() if dist.is_initialized() else 0, len(ckpt["rng"]) - 1)], generator)
+    if method_state is not None:
+        for k, v in ckpt.get("state", {}).items():
+            method_state[k] = v
+    if is_main():
+        print(f"resumed from {path} at step {ckpt['step']}", flush=True)
+    return ckpt["step"]
+
+
+def save_run(args, step, epoch, backbone, model, optimizer, generator, method_state=None):
+    """Write <out>/checkpoint.pt atomically on rank 0, with every rank's RNG state."""
+    states = [rng_state(generator)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, rng_state(generator))
+    if not is_main():
+        return
+    os.makedirs(args.out, exist_ok=True)
+    atomic_save({"method": args.method, "args": vars(args), "epoch": epoch, "step": step,
+                 "backbone": unwrap(backbone).state_dict(), "model": unwrap(model).state_dict(),
+                 "optimizer": optimizer.state_dict(), "rng": states, "state": method_state or {}},
+                os.path.join(args.out, "checkpoint.pt"))
+
+
+def unwrap(model):
+    """The module under DDP and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+# ---------------------------------------------------------------------------------------------
+# probes (shared by eval_linear.py and the --eval-every quick k-NN)
+# ---------------------------------------------------------------------------------------------
+
+
+def fixed_patch_boxes(n, size, image_size, seed=0):
+    """n patch positions drawn once from a fixed seed: identical for every image and run."""
+    g = torch.Generator().manual_seed(seed)
+    top = torch.randint(0, image_size - size + 1, (n,), generator=g)
+    left = torch.randint(0, image_size - size + 1, (n,), generator=g)
+    return torch.stack([top, left, torch.full_like(top, size), torch.full_like(top, size)], 1)
+
+
+@torch.no_grad()
+def bag_of_features(backbone, images, boxes, out_size, mean, std, chunk=2048, aug=None, generator=None):
+    """Bag-of-features (EMP-SSL Sec. 2): mean of the backbone embeddings of the patches at
+    `boxes` of each uint8 image in `images` [B,3,H,W] (on the backbone's device)."""
+    b, n = images.shape[0], boxes.shape[0]
+    x = images.float().div(255).repeat(n, 1, 1, 1)
+    bx = boxes.to(images.device).repeat_interleave(b, 0)  # view-major: patch i of every image
+    feats = []
+    for s in range(0, n * b, chunk):
+        p = resized_crops(x[s:s + chunk], bx[s:s + chunk], out_size)
+        p = augment(p, aug, generator) if aug is not None else normalize(p, mean, std)
+        feats.append(backbone(p).float())
+    return torch.cat(feats).reshape(n, b, -1).mean(0)
+
+
+@torch.no_grad()
+def knn_predict(train_f, train_y, test_f, num_classes, k=20, t=0.07, chunk=512):
+    """Weighted k-NN (NPID protocol): cosine similarity on L2-normalised features, vote
+    weight exp(s/T). Returns predicted labels of test_f."""
+    train_f, test_f = F.normalize(train_f.float(), dim=1), F.normalize(test_f.float(), dim=1)
+    k = min(k, len(train_f))
+    preds = []
+    for s in range(0, len(test_f), chunk):
+        sim, idx = (test_f[s:s + chunk] @ train_f.T).topk(k, dim=1)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
+        votes.scatter_add_(1, train_y.to(sim.device)[idx], (sim / t).exp())
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+
+@torch.no_grad()
+def quick_knn(features_fn, train_set, test_set, device, n_train=5000, n_test=1000, batch=250):
+    """--eval-every probe: k=20, T=0.07 on fixed subsets of 5,000 train / 1,000 test images.
+    Uses no training randomness (the torch RNG state is restored)."""
+    state = torch.get_rng_state()
+    tr = train_set.subset(subset_indices(len(train_set), n_train, seed=1))
+    te = test_set.subset(subset_indices(len(test_set), n_test, seed=2))
+
+    def feats(ds):
+        out = []
+        for s in range(0, len(ds), batch):
+            idx = torch.arange(s, min(s + batch, len(ds)))
+            out.append(features_fn(ds.get(idx).to(device)))
+        return torch.cat(out)
+
+    pred = knn_predict(feats(tr), tr.labels.to(device), feats(te), train_set.num_classes)
+    torch.set_rng_state(state)
+    return (pred.cpu() == te.labels).float().mean().item() * 100
+
+
+def main():
+    p = argparse.ArgumentParser(description="effssl helpers")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build-in100", help="ImageFolder tree of symlinks for ImageNet-100 (CMC classes)")
+    b.add_argument("--imagenet", required=True, help="full ImageNet folder holding train/ and val/")
+    b.add_argument("--out", required=True, help="where to create in100/{train,val}")
+    args = p.parse_args()
+    if args.cmd == "build-in100":
+        if not os.path.isdir(args.imagenet):
+            fail(f"ImageNet folder '{args.imagenet}' not found")
+        build_in100(args.imagenet, args.out)
+
+
+if __name__ == "__main__":
+    run_cli(main)
