@@ -378,7 +378,7 @@ def sample_patches(images, n, size, out_size, generator=None):
     left = torch.randint(0, w - size + 1, (n * b,), device=dev, generator=generator)
     s = torch.full_like(top, size)
     boxes = torch.stack([top, left, s, s], 1)
-    return resized_crops(images.repeat(n, 1, 1, 1), boxes, out_size), boxes
+    return resized_crops(images.repeat(n, 1, 1, 1), boxes, out_size).div_(255), boxes
 
 
 def random_resized_boxes(n, h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None, device="cpu"):
@@ -411,10 +411,11 @@ def random_resized_boxes(n, h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), gener
 
 
 def sample_views(images, m, out_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
-    """m random resized crops of each image (multi-view methods), view-major like sample_patches."""
+    """m random resized crops of each image (multi-view methods), view-major like sample_patches;
+    float in [0,1]."""
     b, _, h, w = images.shape
     boxes = random_resized_boxes(m * b, h, w, scale, ratio, generator, images.device)
-    return resized_crops(images.repeat(m, 1, 1, 1), boxes, out_size), boxes
+    return resized_crops(images.repeat(m, 1, 1, 1), boxes, out_size).div_(255), boxes
 
 
 def grayscale(x):

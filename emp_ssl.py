@@ -47,11 +47,12 @@ def total_coding_rate(Z, eps2):
     """R(Z) = 1/2 logdet(I + d/(b eps2) Z^T Z) of each of the n views in Z [n, b, d] (Eq. 1).
     Float32, and the smaller of the d x d and b x b forms (Sylvester's identity)."""
     n, b, d = Z.shape
-    Z = Z.float()
     c = d / (b * eps2)
-    gram = Z.transpose(1, 2) @ Z if d <= b else Z @ Z.transpose(1, 2)  # [n, d, d] or [n, b, b]
-    I = torch.eye(gram.shape[-1], device=Z.device)
-    return 0.5 * torch.logdet(I + c * gram)
+    with torch.autocast(Z.device.type, enabled=False):  # autocast would run the Gram matmul in bf16
+        Z = Z.float()
+        gram = Z.transpose(1, 2) @ Z if d <= b else Z @ Z.transpose(1, 2)  # [n, d, d] or [n, b, b]
+        I = torch.eye(gram.shape[-1], device=Z.device)
+        return 0.5 * torch.logdet(I + c * gram)
 
 
 def invariance(Z, Z_bar):
@@ -89,8 +90,9 @@ class EMPNet(nn.Module):
 # --- training -------------------------------------------------------------------------------
 
 
-def main(argv=None):
-    args = common.resolve_common(parse_args(argv), "emp_ssl")
+def resolve_args(args):
+    """Data-set dependent defaults (Sec. 3 settings): patch and input sides, stem, normalisation."""
+    args = common.resolve_common(args, "emp_ssl")
     ps, os_ = PATCH.get(args.dataset, (None, None))
     args.patch_size = args.patch_size or ps or (args.image_size or 64) // 2
     args.out_size = args.out_size or os_ or 2 * args.patch_size
@@ -98,6 +100,13 @@ def main(argv=None):
     args.norm_mean = args.norm_std = [0.5, 0.5, 0.5]  # the official EMP-SSL normalisation
     if args.patches <= 0:
         common.fail("--patches must be positive")
+    if not args.eps2 > 0:
+        common.fail("--eps2 must be positive (Eq. 1: epsilon > 0)")
+    return args
+
+
+def main(argv=None):
+    args = resolve_args(parse_args(argv))
     rank, world, device = common.init_distributed()
     torch.manual_seed(args.seed)
 

@@ -1,0 +1,353 @@
+"""BagSSL: Bag of Image Patch Embedding Behind the Success of SSL (Chen, Bardes, Li, LeCun 2023).
+
+Joint-embedding SSL models the co-occurrence of image patches (Sec. 3, Prop. 3.1). BagSSL trains
+a standard two-view SSL method (VICReg, SimCLR, TCR or BYOL) on two fixed-scale patches of each
+image (14 px of a 32 px CIFAR image) instead of multi-scale crops; the image representation is
+the mean embedding of its patches (bag of local features). `--multiscale` gives the baselines of
+Tables 1-3 (two RandomResizedCrop(0.08, 1) views).
+
+Paper: papers/bag_ssl.md. CIFAR-10, BagSSL-VICReg (Table 1: 90.9 % linear with 16 patches):
+    python bag_ssl.py --loss vicreg --out runs/bag-vicreg
+    python eval_linear.py --ckpt runs/bag-vicreg/checkpoint.pt --mode bag --patches 16
+Baseline column (multi-scale training, central evaluation):
+    python bag_ssl.py --loss vicreg --multiscale --out runs/ms-vicreg
+    python eval_linear.py --ckpt runs/ms-vicreg/checkpoint.pt --mode central
+Multi-GPU (batch is global): torchrun --nproc_per_node=8 bag_ssl.py --dataset in100 --loss byol
+"""
+import copy
+import itertools
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+# per data set: (patch side, network input side). Tables 1-3: 14 -> 32 on CIFAR, 100 -> 224 on
+# in100; STL-10 and Tiny ImageNet are not in the paper: the CIFAR ratio 14/32.
+PATCH = {"cifar10": (14, 32), "cifar100": (14, 32), "synthetic": (14, 32), "tinyimagenet": (28, 64),
+         "stl10": (42, 96), "in100": (100, 224)}
+LOSSES = ("vicreg", "simclr", "tcr", "byol")
+
+
+def parse_args(argv=None):
+    p = common.base_parser(__doc__, epochs=None, batch_size=1024, lr=None, weight_decay=1e-4, arch=None,
+                           epochs_help="training epochs (App. C.1: 600 on CIFAR; C.2: 400 on in100)",
+                           batch_help="GLOBAL batch of images (App. C: 1024)",
+                           lr_help="LARS base learning rate (App. C.1: 0.3 on CIFAR; C.2: 0.1 on in100)",
+                           wd_help="weight decay (App. C: 1e-4)",
+                           arch_help="backbone (App. C.1: resnet34 on CIFAR; C.2: resnet50 on in100)")
+    a = p.add_argument
+    a("--loss", default="vicreg", choices=LOSSES, help="joint-embedding objective (Sec. 4: all four; App. C.1)")
+    a("--patches", type=int, default=2, help="patches (views) per image (Sec. 4.1: two patches per image)")
+    a("--patch-size", type=int, default=None, help="patch side in px (Tables 1-3: 14 on CIFAR, 100 on in100)")
+    a("--out-size", type=int, default=None, help="side the views are resized to (Sec. 4.1: 32 on CIFAR; 224 on in100)")
+    a("--multiscale", action="store_true",
+      help="baseline: RandomResizedCrop(scale 0.08-1) views instead of fixed-scale patches (Tables 1-3)")
+    a("--proj", default=None,
+      help="projector dims (App. C.1: 4096-128 CIFAR-10, 4096-512 CIFAR-100; C.2: 8192-8192-8192 in100)")
+    a("--warmup-epochs", type=int, default=10,
+      help="linear warm-up epochs before the cosine decay to 0 (App. C: 10; capped at half of a short run)")
+    a("--eta", type=float, default=0.02,
+      help="LARS trust coefficient (not in the paper; solo-learn's CIFAR configs, whose lr/wd/warm-up App. C.1 matches)")
+    # VICReg (Bardes et al. 2021), App. C.1: invariance / variance / covariance 25 / 25 / 1
+    a("--sim-coeff", type=float, default=25.0, help="vicreg: invariance weight (App. C.1: 25)")
+    a("--std-coeff", type=float, default=25.0, help="vicreg: variance weight (App. C.1: 25)")
+    a("--cov-coeff", type=float, default=1.0, help="vicreg: covariance weight (App. C.1: 1)")
+    # SimCLR (Chen et al. 2020)
+    a("--temperature", type=float, default=0.1, help="simclr: NT-Xent temperature (App. C.1: 0.1)")
+    # TCR (Li et al. 2022; the EMP-SSL objective with n views)
+    a("--inv-weight", type=float, default=None, help="tcr: lambda (App. C.1: 30 on CIFAR; C.2: 1920 on in100)")
+    a("--eps2", type=float, default=0.2, help="tcr: epsilon^2 of the coding rate (App. C.1: 0.2)")
+    # BYOL (Grill et al. 2020)
+    a("--pred-hidden", type=int, default=4096, help="byol: predictor hidden width (BYOL Sec. 3.3: 4096)")
+    a("--tau-base", type=float, default=0.99,
+      help="byol: EMA momentum at step 0, cosine to 1 (BYOL Sec. 3.2; 0.99 as solo-learn's CIFAR config)")
+    return p.parse_args(argv)
+
+
+def resolve_args(argv=None):
+    """Parse and fill the data-set-dependent defaults (App. C.1 CIFAR, C.2 in100)."""
+    args = parse_args(argv)
+    in100 = args.dataset == "in100"
+    args.epochs = args.epochs if args.epochs is not None else (400 if in100 else 600)
+    args.lr = args.lr if args.lr is not None else (0.1 if in100 else 0.3)
+    args.arch = args.arch or ("resnet50" if in100 else "resnet34")
+    args.proj = args.proj or {"in100": "8192-8192-8192", "cifar100": "4096-512"}.get(args.dataset, "4096-128")
+    args.inv_weight = args.inv_weight if args.inv_weight is not None else (1920.0 if in100 else 30.0)
+    args = common.resolve_common(args, "bag_ssl")
+    image = args.image_size or common.IMAGE_SIZE.get(args.dataset) or 64
+    ps, os_ = PATCH.get(args.dataset, (None, None))
+    if args.multiscale:  # random resized crops of the whole image, resized to the image side
+        args.patch_size = None
+        args.out_size = args.out_size or image
+    else:
+        args.patch_size = args.patch_size or ps or round(image * 14 / 32)
+        args.out_size = args.out_size or os_ or image
+        if args.patch_size <= 0 or args.patch_size > image:
+            common.fail(f"--patch-size {args.patch_size} does not fit the {image}px images")
+    if args.out_size <= 0:
+        common.fail("--out-size must be positive")
+    args.stem = common.default_stem(args.dataset, args.out_size)
+    mean, std = common.data_stats(args.dataset)
+    args.norm_mean, args.norm_std = list(mean), list(std)
+    args.blur = image > 32  # BYOL blur, off on 32 px data (SPEC 3.2, as solo-learn's CIFAR configs)
+    if args.patches < 2:
+        common.fail("--patches must be at least 2 (two views per image)")
+    if args.warmup_epochs < 0:
+        common.fail("--warmup-epochs must not be negative")
+    return args
+
+
+# --- views: fixed-scale patches (BagSSL) or multi-scale crops (baseline), BYOL augmentations ---
+
+
+def sample(imgs, args, generator=None):
+    """The n views of every image, view-major [n*b, 3, out, out] in [0, 1], and their boxes."""
+    if args.multiscale:  # Tables 1-3 baselines: RandomResizedCrop(0.08, 1.0)
+        return common.sample_views(imgs, args.patches, args.out_size, scale=(0.08, 1.0), generator=generator)
+    return common.sample_patches(imgs, args.patches, args.patch_size, args.out_size, generator)  # Sec. 3
+
+
+def byol_augs(args):
+    """BYOL's asymmetric augmentations (App. C.1 -> Grill et al. Table 6): flip, jitter
+    0.4/0.4/0.2/0.1 with p 0.8, grayscale 0.2; blur p 1.0 / 0.1 and solarize p 0.0 / 0.2 on
+    views 1 / 2 (no blur on 32 px data)."""
+    common_kw = dict(flip=0.5, jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_gray=0.2, blur_sigma=(0.1, 2.0),
+                     mean=args.norm_mean, std=args.norm_std)
+    return (common.AugConfig(p_blur=1.0 if args.blur else 0.0, p_solarize=0.0, **common_kw),
+            common.AugConfig(p_blur=0.1 if args.blur else 0.0, p_solarize=0.2, **common_kw))
+
+
+def augment_views(x, n, augs, generator=None):
+    """Augment each view slice X_i (view-major) with its own config: view i gets augs[i % 2]."""
+    b = len(x) // n
+    return torch.cat([common.augment(x[i * b:(i + 1) * b], augs[i % 2], generator) for i in range(n)])
+
+
+# --- the four losses, on projections Z [n, B, d] of the GLOBAL batch ------------------------
+
+
+def vicreg(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
+    """VICReg (Bardes et al. 2021, Eq. 1-6, as main_vicreg.py): invariance MSE, variance hinge on
+    sqrt(Var + 1e-4) averaged over the two branches, off-diagonal covariance^2 / d summed over them."""
+    B, d = z1.shape
+    repr_loss = F.mse_loss(z1, z2)  # s(Z, Z'), Eq. 5
+    x, y = z1 - z1.mean(0), z2 - z2.mean(0)
+    std_x, std_y = torch.sqrt(x.var(0) + 1e-4), torch.sqrt(y.var(0) + 1e-4)
+    std_loss = F.relu(1 - std_x).mean() / 2 + F.relu(1 - std_y).mean() / 2  # v(Z), Eq. 1
+    cov_x, cov_y = x.T @ x / (B - 1), y.T @ y / (B - 1)
+    off = ~torch.eye(d, dtype=torch.bool, device=z1.device)
+    cov_loss = cov_x[off].pow(2).sum() / d + cov_y[off].pow(2).sum() / d  # c(Z), Eq. 3-4
+    loss = sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss  # Eq. 6
+    return {"loss": loss, "inv": repr_loss, "var": std_loss, "cov": cov_loss}
+
+
+def simclr(z1, z2, temperature=0.1):
+    """NT-Xent (Chen et al. 2020, Eq. 1): each of the 2B projections must pick its other view
+    among the 2B - 1 others of the global batch, cosine similarity / temperature."""
+    B = len(z1)
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    s = (z @ z.T / temperature).masked_fill(torch.eye(2 * B, dtype=torch.bool, device=z.device), float("-inf"))
+    positive = torch.cat([torch.arange(B, 2 * B), torch.arange(B)]).to(z.device)
+    return {"loss": F.cross_entropy(s, positive)}
+
+
+def total_coding_rate(Z, eps2):
+    """R(Z) = 1/2 logdet(I + d/(b eps2) Z^T Z) of each view in Z [n, b, d] (EMP-SSL Eq. 1;
+    Li et al. 2022), with the smaller of the d x d and b x b Gram matrices (Sylvester)."""
+    n, b, d = Z.shape
+    gram = Z.transpose(1, 2) @ Z if d <= b else Z @ Z.transpose(1, 2)
+    I = torch.eye(gram.shape[-1], device=Z.device, dtype=Z.dtype)
+    return 0.5 * torch.logdet(I + d / (b * eps2) * gram)
+
+
+def tcr(Z, eps2=0.2, lam=30.0):
+    """TCR objective as EMP-SSL Eq. (2) with n views (App. C.1: lam 30, eps 0.2):
+    -(1/n) sum_i [ R(Z_i) + lam * mean cos(Z_i, Z_bar) ], on L2-normalised projections."""
+    Z = F.normalize(Z, dim=-1)
+    Z_bar = Z.mean(0)
+    R = total_coding_rate(Z, eps2)
+    D = F.cosine_similarity(Z, Z_bar.unsqueeze(0), dim=-1).mean(1)
+    return {"loss": -(R + lam * D).mean(), "R": R.mean(), "D": D.mean()}
+
+
+def byol(p1, p2, t1, t2):
+    """BYOL (Grill et al. 2020, Eq. 2): normalised MSE between each view's online prediction
+    and the other view's target projection, symmetrised (L + L~); targets carry no gradient."""
+    def nmse(p, t):
+        return (2 - 2 * F.cosine_similarity(p, t.detach(), dim=-1)).mean()
+    return {"loss": nmse(p1, t2) + nmse(p2, t1)}
+
+
+def bag_loss(Z, T, args):
+    """The --loss objective on view-major global projections Z [n, B, d] (BYOL: online
+    predictions, with target projections T). Two-view losses average over the n(n-1)/2 pairs
+    of views (n = 2 in the paper: the plain loss)."""
+    Z = Z.float()  # covariance, softmax and log-det in float32 (SPEC 1.4)
+    if args.loss == "tcr":
+        return tcr(Z, args.eps2, args.inv_weight)
+    terms = []
+    for i, j in itertools.combinations(range(len(Z)), 2):
+        if args.loss == "vicreg":
+            terms.append(vicreg(Z[i], Z[j], args.sim_coeff, args.std_coeff, args.cov_coeff))
+        elif args.loss == "simclr":
+            terms.append(simclr(Z[i], Z[j], args.temperature))
+        else:
+            terms.append(byol(Z[i], Z[j], T[i].float(), T[j].float()))
+    return {k: torch.stack([t[k] for t in terms]).mean() for k in terms[0]}
+
+
+def global_loss(z, t, args):
+    """Gather this rank's view-major rows z [n*b, d] (and BYOL targets t) into the global batch
+    (gradients flow back to every rank, SPEC 1.6), then the loss."""
+    n = args.patches
+    Z = common.gather_views(z, n).reshape(n, -1, z.shape[1])
+    T = common.gather_views(t, n).reshape(n, -1, t.shape[1]) if t is not None else None
+    return bag_loss(Z, T, args)
+
+
+# --- model ----------------------------------------------------------------------------------
+
+
+class BagNet(nn.Module):
+    """ResNet backbone f -> projector g (App. C.1: Linear-BN-ReLU, Linear); BYOL adds the
+    predictor q (Linear-BN-ReLU-Linear, 4096 hidden). forward returns what the loss compares:
+    the projection z, or BYOL's prediction q(z)."""
+
+    def __init__(self, arch, stem, proj, pred_hidden=None):
+        super().__init__()
+        self.backbone = common.resnet(arch, stem)
+        self.projector = common.projector(self.backbone.dim, proj)
+        d = int(proj.split("-")[-1])
+        self.predictor = common.projector(d, f"{pred_hidden}-{d}") if pred_hidden else None
+
+    def forward(self, x):
+        z = self.projector(self.backbone(x))
+        return self.predictor(z) if self.predictor is not None else z
+
+
+class Target(nn.Module):
+    """BYOL's target network xi: an EMA copy of the online backbone and projector. Not part of
+    the optimised model (no gradient, not in the optimiser); saved as method state."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.backbone = copy.deepcopy(model.backbone)
+        self.projector = copy.deepcopy(model.projector)
+        self.requires_grad_(False)
+
+    def forward(self, x):
+        return self.projector(self.backbone(x))
+
+
+def byol_tau(k, K, tau_base):
+    """BYOL Sec. 3.2: tau = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2 at step k of K."""
+    return 1 - (1 - tau_base) * (math.cos(math.pi * min(k / K, 1.0)) + 1) / 2
+
+
+@torch.no_grad()
+def ema_update(target, model, tau):
+    """xi <- tau xi + (1 - tau) theta (BYOL Eq. 1), over backbone and projector parameters."""
+    online = [*model.backbone.parameters(), *model.projector.parameters()]
+    for xi, theta in zip(target.parameters(), online):
+        xi.mul_(tau).add_(theta.detach(), alpha=1 - tau)
+
+
+def make_optimizer(model, args):
+    """LARS over the online model only (App. C); BYOL's target is never in it."""
+    return common.LARS(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, eta=args.eta)
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = resolve_args(argv)
+    rank, world, device = common.init_distributed()
+    torch.manual_seed(args.seed)
+
+    train = common.load_train_set(args)
+    model = BagNet(args.arch, args.stem, args.proj, args.pred_hidden if args.loss == "byol" else None).to(device)
+    target = Target(model).to(device) if args.loss == "byol" else None
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        target = target.to(memory_format=torch.channels_last) if target is not None else None
+    optimizer = make_optimizer(model, args)
+    gen = common.make_generator(args.seed, rank, device)
+    state = {"target": target.state_dict()} if target is not None else None
+    step = common.open_run(args, gen, model, optimizer, state)
+    if target is not None:
+        target.load_state_dict(state["target"])  # the EMA target of the checkpoint on resume
+        state = {"target": target.state_dict()}  # live references: in-place EMA updates show in it
+    net = common.wrap_ddp(model, device, not args.no_sync_bn)
+    if args.compile:
+        net = torch.compile(net)
+    augs = byol_augs(args)
+
+    n, B = args.patches, args.batch_size
+    spe = common.steps_per_epoch(len(train), B)
+    total = spe * args.epochs
+    warmup = min(args.warmup_epochs * spe, total // 2)  # App. C: 10 epochs; a smoke run keeps a decay
+    last = min(total, args.max_steps or total)
+    log = common.Logger(args, total, step)
+    test = common.load_dataset(args.dataset, args.data_dir, "test", args.image_size, args.workers, seed=args.seed) \
+        if args.eval_every else None
+    boxes = common.fixed_patch_boxes(16, args.patch_size, train.size) if not args.multiscale else None
+
+    def features(imgs):  # quick probe: 16-patch bag (Sec. 3), or the whole image for --multiscale
+        if boxes is not None:
+            return common.bag_of_features(model.backbone, imgs, boxes, args.out_size, args.norm_mean, args.norm_std)
+        x = imgs.float().div(255)
+        if x.shape[-1] != args.out_size:
+            x = F.interpolate(x, size=(args.out_size, args.out_size), mode="bilinear", antialias=True)
+        return model.backbone(common.normalize(x, args.norm_mean, args.norm_std)).float()
+
+    for epoch in range(step // spe, args.epochs):
+        model.train()
+        for imgs, _, _ in common.epoch_batches(train, B, epoch, args.seed, rank, world, step - epoch * spe, args.workers):
+            lr = common.cosine_lr(step, total, args.lr, warmup)  # warm-up, then cosine to 0 (App. C)
+            common.set_lr(optimizer, lr)
+            x, _ = sample(imgs.to(device, non_blocking=True), args, gen)
+            x = augment_views(x, n, augs, gen)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with common.autocast(args, device):
+                z = net(x)
+                with torch.no_grad():
+                    t = target(x) if target is not None else None
+            terms = global_loss(z.float(), t.float() if t is not None else None, args)
+            loss = terms["loss"]
+            common.check_finite(loss, step + 1, args.out)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if target is not None:
+                terms["tau"] = byol_tau(step, total, args.tau_base)
+                ema_update(target, model, terms["tau"])
+            step += 1
+            log.step(epoch, step, {k: (v.detach() if torch.is_tensor(v) else v) for k, v in terms.items()},
+                     lr, n * B, args.log_every)
+            if step % args.save_every == 0:
+                common.save_run(args, step, epoch, model.backbone, model, optimizer, gen, state)
+            common.crash_for_test(step)
+            if step >= last:
+                break
+        common.save_run(args, step, step // spe, model.backbone, model, optimizer, gen, state)  # epoch end or stop
+        if args.eval_every and ((epoch + 1) % args.eval_every == 0 or step >= last):
+            if common.is_main():
+                model.eval()
+                acc = common.quick_knn(features, train, test, device)
+                log.write({"epoch": epoch + 1, "step": step, "knn_top1": acc, "elapsed_s": log.elapsed()})
+                print(f"epoch {epoch + 1} knn top-1 {acc:.2f}", flush=True)
+            if world > 1:
+                torch.distributed.barrier()
+        if step >= last:
+            break
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

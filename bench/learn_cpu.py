@@ -1,0 +1,91 @@
+"""CPU learning benchmark (SPEC section 4): does each method learn within 15 CPU minutes?
+
+Each method trains on 10,000 CIFAR-10 training images (the shared JPEG copy) for about 200 steps
+with its paper optimiser and a batch the CPU allows, then a k-NN probe (k = 20, T = 0.07) on
+8-patch bags of 2,000 train / 1,000 test images is run on the trained and on a random-init
+backbone. Prints, per method, trained vs random accuracy and the minutes taken.
+
+    EFFSSL_CIFAR10=cache/cifar10 python bench/learn_cpu.py [--methods emp_ssl,bag_ssl] [--out results]
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# per method: training flags on top of --dataset cifar10 --subset 10000, and the bag patch
+# geometry (patch px, input px) used for both the trained and the random-init probe.
+RECIPES = {
+    # EMP-SSL: paper batch 100, LARS lr 0.3; 8 patches of 16 px, not upsampled (SPEC 4)
+    "emp_ssl": (["--batch-size", "100", "--patches", "8", "--patch-size", "16", "--out-size", "16",
+                 "--epochs", "2"], (16, 16)),
+    # BagSSL, VICReg loss, ResNet-18, LARS; 2 fixed-scale patches 14 px -> 32, batch 64
+    "bag_ssl": (["--loss", "vicreg", "--arch", "resnet18", "--batch-size", "64", "--epochs", "2",
+                 "--max-steps", "200", "--warmup-epochs", "0"], (14, 32)),
+    # Barlow Twins with 4 views, pdim 256, ResNet-18, Adam; batch 32 (4 x 32 = 128 views a step)
+    "multiaug_ssl": (["--loss", "barlow", "--views", "4", "--pdim", "256", "--arch", "resnet18",
+                      "--batch-size", "32", "--epochs", "1", "--max-steps", "200"], (16, 32)),
+    # NPID + Feature Calibrate + Grad Update + SqrtKL, ResNet-18, SGD, batch 128
+    "npid_sqrtkl": (["--arch", "resnet18", "--batch-size", "128", "--epochs", "3", "--max-steps", "200"], (16, 32)),
+    # plain NPID (Table 6's first row), for the margin the issue asks to report
+    "npid_plain": (["--arch", "resnet18", "--batch-size", "128", "--epochs", "3", "--max-steps", "200",
+                    "--no-calibrate", "--no-grad-update", "--lam", "0"], (16, 32)),
+}
+SCRIPT = {"npid_plain": "npid_sqrtkl"}
+
+
+def probe(ckpt, data, patch, size, out, arch="resnet18"):
+    cmd = [sys.executable, os.path.join(ROOT, "eval_linear.py"), "--ckpt", ckpt, "--dataset", "cifar10",
+           "--data-dir", data, "--mode", "bag", "--patches", "8", "--patch-size", str(patch), "--out-size", str(size),
+           "--probe", "knn", "--knn-k", "20", "--subset", "2000", "--test-subset", "1000", "--out", out,
+           "--arch", arch, "--workers", "2"]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    with open(os.path.join(out, "eval.json")) as f:
+        return json.load(f)["knn"]["k20"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="emp_ssl,bag_ssl,multiaug_ssl,npid_sqrtkl,npid_plain")
+    p.add_argument("--data-dir", default=os.environ.get("EFFSSL_CIFAR10", os.path.join(ROOT, "cache", "cifar10")))
+    p.add_argument("--work", default=os.path.join(ROOT, "runs", "learn_cpu"))
+    p.add_argument("--out", default=os.path.join(ROOT, "results"), help="where learn_cpu.jsonl is appended")
+    args = p.parse_args()
+    if not os.path.isdir(os.path.join(args.data_dir, "train")):
+        print(f"error: CIFAR-10 ImageFolder tree not found at {args.data_dir} (set EFFSSL_CIFAR10)", file=sys.stderr)
+        sys.exit(2)
+    import torch
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    rows = []
+    for m in args.methods.split(","):
+        flags, (patch, size) = RECIPES[m]
+        run = os.path.join(args.work, m)
+        t0 = time.time()
+        subprocess.run([sys.executable, os.path.join(ROOT, f"{SCRIPT.get(m, m)}.py"), "--dataset", "cifar10",
+                        "--data-dir", args.data_dir, "--subset", "10000", "--workers", "2", "--log-every", "20",
+                        "--out", run, *flags], check=True, cwd=ROOT)
+        train_min = (time.time() - t0) / 60
+        trained = probe(os.path.join(run, "checkpoint.pt"), args.data_dir, patch, size, run)
+        random = probe("random", args.data_dir, patch, size, os.path.join(run, "random"))
+        row = {"method": m, "trained_knn20": round(trained, 2), "random_knn20": round(random, 2),
+               "gain": round(trained - random, 2), "train_minutes": round(train_min, 1),
+               "total_minutes": round((time.time() - t0) / 60, 1), "flags": " ".join(flags),
+               "cores": os.cpu_count(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
+        rows.append(row)
+        print(f"{m}: k-NN top-1 {trained:.2f} trained vs {random:.2f} random (+{trained - random:.2f}), "
+              f"{train_min:.1f} min training", flush=True)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "learn_cpu.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+    print("\nmethod        trained  random   gain  train min  total min")
+    for r in rows:
+        print(f"{r['method']:<13} {r['trained_knn20']:7.2f} {r['random_knn20']:7.2f} {r['gain']:6.2f} "
+              f"{r['train_minutes']:10.1f} {r['total_minutes']:10.1f}")
+
+
+if __name__ == "__main__":
+    main()

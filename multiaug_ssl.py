@@ -1,0 +1,242 @@
+"""Multi-view Barlow Twins / VICReg with a small projector (Ghosh, Agrawal, Sodhani, Oberman,
+Richards 2024, "Harnessing small projectors and multiple views for efficient vision pretraining").
+
+Every image gets M augmented views (M = 2, 4, 8). Instead of comparing all M(M-1)/2 view pairs,
+each view is pulled towards the mean over views (Eq. 10: invariance to the sample estimate of the
+view-averaging operator), which costs O(M). A 256-d projector suffices when the redundancy
+weight lam is raised (Sec. 3.3, 4.1). With more views, a fraction of the data set reaches the
+accuracy of 2 views on all of it (Sec. 4.3).
+
+Paper: papers/multiaug_ssl.md; the loss follows the authors' public code (github.com/kumarkrishna/
+fastssl) as SPEC 3.3 writes it out. CIFAR-10, 4 views, Barlow Twins, pdim 256, 100 epochs (Fig. 3):
+    python multiaug_ssl.py --views 4 --loss barlow --out runs/ma4
+    python eval_linear.py --ckpt runs/ma4/checkpoint.pt --mode views --views 16 --linear-opt adam
+Sample efficiency (Sec. 4.3): --views 8 --train-fraction 0.25 against --views 2 on all images.
+Multi-GPU (batch is global): torchrun --nproc_per_node=2 multiaug_ssl.py --dataset in100
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+def parse_args(argv=None):
+    p = common.base_parser(__doc__, epochs=100, batch_size=128, lr=1e-3, weight_decay=1e-6, arch=None,
+                           epochs_help="training epochs (Sec. 4 / App. D: 100)",
+                           batch_help="GLOBAL batch of images (authors' multi-view scripts: 128; App. D says 256 "
+                                      "for CIFAR/STL)",
+                           lr_help="Adam learning rate, constant (App. D: 1e-3)",
+                           wd_help="Adam weight decay (App. D: 1e-6)",
+                           arch_help="backbone (App. D: resnet50 on CIFAR/STL, resnet18 on in100)")
+    a = p.add_argument
+    a("--views", type=int, default=2, help="augmented views per image M (Sec. 4.2: 2, 4, 8)")
+    a("--loss", default="barlow", choices=["barlow", "vicreg"], help="Barlow Twins or VICReg form of Eq. (10) (Sec. 4)")
+    a("--pdim", type=int, default=256, help="projector width and output dim (Sec. 4.1-4.2: 256; Fig. 2 sweeps 64-8192)")
+    a("--lam", type=float, default=None,
+      help="Barlow Twins off-diagonal weight lambda (Sec. 4.1; default at pdim 256: 0.02 for 2 views, 0.01 for 4, 8)")
+    a("--sim-coeff", type=float, default=25.0, help="VICReg invariance weight (App. D Eq. 49: 25)")
+    a("--std-coeff", type=float, default=25.0, help="VICReg variance weight (App. D Eq. 49: 25)")
+    a("--cov-coeff", type=float, default=1.0, help="VICReg covariance weight (App. D Eq. 49: 1)")
+    a("--train-fraction", type=float, default=1.0,
+      help="train on a fixed seeded fraction of the training set (Sec. 4.3: 1.0 / 0.5 / 0.25 for 2 / 4 / 8 views)")
+    a("--out-size", type=int, default=None, help="side the random resized crops are resized to (default: the image side)")
+    a("--scale", type=float, nargs=2, default=(0.08, 1.0), help="random resized crop area range (authors' CIFAR pipeline)")
+    return p.parse_args(argv)
+
+
+# --- loss, Eq. (10) -------------------------------------------------------------------------
+
+
+def off_diagonal(C):
+    """The off-diagonal entries of the square matrices C [..., D, D], flattened per matrix."""
+    d = C.shape[-1]
+    return C.flatten(-2)[..., 1:].reshape(*C.shape[:-2], d - 1, d + 1)[..., :-1].flatten(-2)
+
+
+def barlow_loss(Z, lam):
+    """Barlow Twins form of Eq. (10), as the authors' code computes it. Z [M, B, D] view-major
+    projections of the global batch. Returns (loss, invariance term, redundancy term).
+
+    Rows are L2-normalised, then standardised per dimension with ONE mean and std over all M*B
+    rows (unbiased std, as torch's z.std(0) in the authors' code); Z_bar = mean_a Z_a.
+      M > 2: sum_a sum_k (C_a[k,k] - 1)^2 / M + lam * sum_{k!=l} C_bar[k,l]^2,
+             C_a = Z_a^T Z_bar / B (only its diagonal is needed: O(M B D)), C_bar = Z_bar^T Z_bar / B.
+      M = 2: the usual Barlow Twins cross-correlation C = Z_1^T Z_2 / B; averaging both
+             pairings (1 vs 2, 2 vs 1) as the authors' code does equals one pairing, C_21 = C_12^T."""
+    M, B, D = Z.shape
+    Z = F.normalize(Z.float(), dim=-1)
+    flat = Z.reshape(M * B, D)
+    Z = ((flat - flat.mean(0)) / flat.std(0)).reshape(M, B, D)
+    if M == 2:
+        C = Z[0].T @ Z[1] / B
+        inv = (torch.diagonal(C) - 1).pow(2).sum()
+        red = off_diagonal(C).pow(2).sum()
+        return inv + lam * red, inv, red
+    Z_bar = Z.mean(0)
+    diag_C = (Z * Z_bar).sum(1) / B  # [M, D]: diagonal of every C_a
+    inv = (diag_C - 1).pow(2).sum() / M
+    C_bar = Z_bar.T @ Z_bar / B
+    red = off_diagonal(C_bar).pow(2).sum()  # no 1/M on the redundancy term (authors' code)
+    return inv + lam * red, inv, red
+
+
+def vicreg_loss(Z, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
+    """VICReg form of Eq. (10), as the authors' code computes it, on raw projections Z [M, B, D].
+    Each view Z_a is compared with the leave-one-out mean Y_a of the other M-1 views:
+        sim * MSE(Z_a, Y_a) + std * (mean relu(1 - std Z_a) + mean relu(1 - std Y_a)) / 2
+        + cov * (|offdiag cov Z_a|^2 + |offdiag cov Y_a|^2) / D,
+    summed over a and divided by M (for M = 2 that is plain VICReg). std = sqrt(Var + 1e-4) as in
+    VICReg; the authors' code drops the 1e-4 (departure, kept for stability).
+    Returns (loss, invariance, variance, covariance terms, each averaged over views)."""
+    M, B, D = Z.shape
+    Z = Z.float()
+    Y = (Z.sum(0, keepdim=True) - Z) / (M - 1)  # leave-one-out means, [M, B, D]
+
+    def std_term(X):
+        return F.relu(1 - torch.sqrt(X.var(1) + 1e-4)).mean(-1)  # [M]
+
+    def cov_term(X):
+        Xc = X - X.mean(1, keepdim=True)
+        C = Xc.transpose(1, 2) @ Xc / (B - 1)  # [M, D, D]
+        return off_diagonal(C).pow(2).sum(-1) / D
+
+    inv = (Z - Y).pow(2).mean((1, 2))
+    var = (std_term(Z) + std_term(Y)) / 2
+    cov = cov_term(Z) + cov_term(Y)
+    loss = (sim_coeff * inv + std_coeff * var + cov_coeff * cov).mean()
+    return loss, inv.mean(), var.mean(), cov.mean()
+
+
+# --- model ----------------------------------------------------------------------------------
+
+
+class MultiViewNet(nn.Module):
+    """ResNet backbone -> projector pdim-pdim (Linear without bias, BN, ReLU, Linear; official code).
+    The output stays raw: barlow_loss L2-normalises it, VICReg uses it as is (authors' code).
+    The authors' last Linear has a bias; both losses are blind to it (standardised or centred)."""
+
+    def __init__(self, arch, stem, pdim):
+        super().__init__()
+        self.backbone = common.resnet(arch, stem)
+        self.projector = common.projector(self.backbone.dim, f"{pdim}-{pdim}", bias=False)
+
+    def forward(self, x):
+        return self.projector(self.backbone(x))
+
+
+def default_lam(views):
+    """The authors' tuned lam at pdim 256: 0.02 for 2 views, 0.01 for 4 and 8 (SPEC 3.3); at other
+    pdim the paper sweeps it and recommends it shrink as pdim grows (Sec. 4.1)."""
+    return 0.02 if views == 2 else 0.01
+
+
+def train_fraction_indices(n, fraction, seed=0):
+    """--train-fraction: the first round(fraction * n) images of a fixed seeded permutation, so
+    smaller fractions are nested in larger ones and every run sees the same images (Sec. 4.3)."""
+    return common.subset_indices(n, max(1, round(fraction * n)), seed)
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = common.resolve_common(parse_args(argv), "multiaug_ssl")
+    if args.views < 2:
+        common.fail("--views must be at least 2")
+    if not 0 < args.train_fraction <= 1:
+        common.fail("--train-fraction must be in (0, 1]")
+    if args.pdim <= 1:
+        common.fail("--pdim must be at least 2")
+    if not 0 < args.scale[0] <= args.scale[1] <= 1:
+        common.fail("--scale takes two numbers 0 < lo <= hi <= 1")
+    if args.lam is None:
+        args.lam = default_lam(args.views)
+    args.arch = args.arch or ("resnet18" if args.dataset == "in100" else "resnet50")
+    rank, world, device = common.init_distributed()
+    torch.manual_seed(args.seed)
+
+    train = common.load_train_set(args)
+    if args.train_fraction < 1:
+        train = train.subset(train_fraction_indices(len(train), args.train_fraction))
+        if common.steps_per_epoch(len(train), args.batch_size) == 0:
+            common.fail(f"--batch-size {args.batch_size} is larger than the {len(train)} images of --train-fraction")
+    args.train_images = len(train)
+    args.out_size = args.out_size or train.size
+    args.patch_size = None  # random resized crops, not fixed patches
+    args.stem = common.default_stem(args.dataset, args.out_size)
+    args.norm_mean, args.norm_std = (list(s) for s in common.data_stats(args.dataset))
+    args.proj, args.proj_bias = f"{args.pdim}-{args.pdim}", False
+    model = MultiViewNet(args.arch, args.stem, args.pdim).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)  # App. D
+    gen = common.make_generator(args.seed, rank, device)
+    step = common.open_run(args, gen, model, optimizer)
+    net = common.wrap_ddp(model, device, not args.no_sync_bn)
+    if args.compile:
+        net = torch.compile(net)
+    # the authors' CIFAR views: crop + flip + jitter 0.4/0.4/0.4 (hue 0) p=0.8 + grayscale 0.2
+    aug = common.AugConfig(jitter=(0.4, 0.4, 0.4, 0.0), p_blur=0.0, p_solarize=0.0,
+                           mean=args.norm_mean, std=args.norm_std)
+
+    M, B = args.views, args.batch_size
+    spe = common.steps_per_epoch(len(train), B)
+    total = spe * args.epochs
+    last = min(total, args.max_steps or total)
+    log = common.Logger(args, total, step)
+    test = common.load_dataset(args.dataset, args.data_dir, "test", args.image_size, args.workers, seed=args.seed) \
+        if args.eval_every else None
+
+    def features(imgs):  # quick probe: backbone embedding of the whole image (eval_linear --mode central)
+        x = imgs.float().div(255)
+        if x.shape[-1] != args.out_size:
+            x = F.interpolate(x, size=(args.out_size, args.out_size), mode="bilinear", align_corners=False, antialias=True)
+        return model.backbone(common.normalize(x, args.norm_mean, args.norm_std)).float()
+
+    for epoch in range(step // spe, args.epochs):
+        model.train()
+        for imgs, _, _ in common.epoch_batches(train, B, epoch, args.seed, rank, world, step - epoch * spe, args.workers):
+            lr = args.lr  # constant learning rate (App. D)
+            x, _ = common.sample_views(imgs.to(device, non_blocking=True), M, args.out_size, tuple(args.scale),
+                                       generator=gen)  # uint8 in, float in [0, 1] out
+            x = common.augment(x, aug, gen)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with common.autocast(args, device):
+                z = net(x)
+            Z = common.gather_views(z.float(), M).reshape(M, -1, z.shape[1])  # [M, B, D], global batch
+            if args.loss == "barlow":
+                loss, inv, red = barlow_loss(Z, args.lam)
+                terms = {"loss": loss.detach(), "inv": inv.detach(), "redundancy": red.detach()}
+            else:
+                loss, inv, var, cov = vicreg_loss(Z, args.sim_coeff, args.std_coeff, args.cov_coeff)
+                terms = {"loss": loss.detach(), "inv": inv.detach(), "var": var.detach(), "cov": cov.detach()}
+            common.check_finite(loss, step + 1, args.out)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            log.step(epoch, step, terms, lr, M * B, args.log_every)
+            if step % args.save_every == 0:
+                common.save_run(args, step, epoch, model.backbone, model, optimizer, gen)
+            common.crash_for_test(step)
+            if step >= last:
+                break
+        common.save_run(args, step, step // spe, model.backbone, model, optimizer, gen)  # epoch end or stop
+        if args.eval_every and ((epoch + 1) % args.eval_every == 0 or step >= last):
+            if common.is_main():
+                model.eval()
+                acc = common.quick_knn(features, train, test, device)
+                log.write({"epoch": epoch + 1, "step": step, "knn_top1": acc, "elapsed_s": log.elapsed()})
+                print(f"epoch {epoch + 1} knn top-1 {acc:.2f}", flush=True)
+            if world > 1:
+                torch.distributed.barrier()
+        if step >= last:
+            break
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

@@ -1,0 +1,292 @@
+"""NPID + SqrtKL: efficient single-branch instance discrimination (Cao & Wu 2023).
+
+One augmented crop of each image per step goes through one network; every training image is its
+own class, represented by a row of a memory bank W (NPID, Wu et al. 2018). Three changes to NPID:
+the bank starts from the untrained network's features (Feature Calibrate, Sec. 3.2), bank rows
+move along the negative gradient of the batch's loss rather than towards their own feature only
+(Grad Update, Eq. 5-6), and a self-distillation term KL(p || sqrt(p)/sum sqrt(p)) spreads the
+gradient over many rows (SqrtKL, Eq. 7 and 13).
+
+Paper: papers/npid_sqrtkl.md. CIFAR-10, ResNet-18, 400 epochs (91.1 % linear, Table 1):
+    python npid_sqrtkl.py --out runs/npid
+    python eval_linear.py --ckpt runs/npid/checkpoint.pt --mode central
+Table 6 rows: --no-calibrate, --no-grad-update, --lam 0. Multi-GPU (batch is global):
+    torchrun --nproc_per_node=4 npid_sqrtkl.py --dataset in100
+
+Memory of the softmax over the bank (float32, per process, b = the process's share of the batch):
+the bank itself is N x 128 x 4 bytes (CIFAR 26 MB, in100 65 MB, ImageNet 656 MB). The plain loss
+(--bank-chunk 0) holds about 8 tensors of b x N floats through forward and backward (logits,
+log p, p, log u and the products of Eq. 12, then their gradients): 32 b N bytes, measured on the
+CPU at 31-35 b N. CIFAR (b = 512, N = 50,000): 0.8 GB. in100 (b = 512, N = 126,689): 2.1 GB.
+ImageNet (N = 1,281,167): 21 GB at b = 512 on one GPU, 2.6 GB at b = 64 (512 over 8 GPUs).
+--bank-chunk C streams the bank in chunks of C rows and holds about 5 tensors of b x C floats
+(20 b C bytes: 0.7 GB at b = 512, C = 65,536) plus b x N x 0 (nothing of size N except W), at the
+cost of one more b x N x 128 matmul per step.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+def parse_args(argv=None):
+    p = common.base_parser(__doc__, epochs=400, batch_size=512, lr=0.1, weight_decay=1e-4,
+                           epochs_help="training epochs (Sec. 4.1: 400 on CIFAR and Tiny-ImageNet, 200 on ImageNet)",
+                           batch_help="GLOBAL batch of images (Sec. 4.1: 512)",
+                           lr_help="SGD base learning rate, cosine decay (Sec. 4.1: 0.1)",
+                           wd_help="weight decay (Sec. 4.1: 1e-4)")
+    a = p.add_argument
+    a("--out-size", type=int, default=None, help="network input side (default: the data set's image side)")
+    a("--proj", default="128", help="head after the backbone: one linear layer to 128-d, as NPID (Sec. 3.1)")
+    a("--temperature", type=float, default=0.1,
+      help="tau in s = W z / tau (NPID's CIFAR value 0.1; the paper's Eq. 1 omits it)")
+    a("--lam", type=float, default=20.0, help="lambda, weight of L_SqrtKL (Eq. 13, Sec. 4.1: 20; Fig. 5; 0 = Table 6 without SqrtKL)")
+    a("--sqrtkl-part", default="full", choices=["full", "l1", "l2"],
+      help="which part of L_SqrtKL = L1 + L2 to use (Eq. 12; Table 8 ablation)")
+    a("--bank-momentum", type=float, default=0.5, help="m of the bank update, Eq. (3)/(6) (Sec. 4.1: 0.5; Fig. 4)")
+    a("--no-calibrate", action="store_true", help="random bank as NPID instead of Feature Calibrate (Table 6)")
+    a("--no-grad-update", action="store_true", help="NPID's update Eq. (3) instead of Grad Update Eq. (6) (Table 6)")
+    a("--bank-chunk", type=int, default=0,
+      help="softmax over the bank in chunks of this many rows (0 = all at once); see the memory note above")
+    return p.parse_args(argv)
+
+
+# --- loss, Eq. (1), (2), (7), (12), (13) --------------------------------------------------------------
+
+
+def sqrt_distribution(logp):
+    """u = sqrt(p) / sum sqrt(p) (Sec. 3.3), as log u; a target without gradient (self-distillation)."""
+    return F.log_softmax(0.5 * logp.detach(), dim=-1)  # sqrt(p) = exp(log p / 2)
+
+
+def sqrtkl(logp, part="full"):
+    """L_SqrtKL = KL(p || u) = L1 + L2 per row (Eq. 7, 12): L1 = sum p log p, L2 = -sum p log u."""
+    p, log_u = logp.exp(), sqrt_distribution(logp)
+    L1 = (p * logp).sum(-1)
+    L2 = -(p * log_u).sum(-1)
+    return {"full": L1 + L2, "l1": L1, "l2": L2}[part]
+
+
+# d L_SqrtKL / d s_n = coef * p_n (log p_n + H), H the entropy of p, u fixed (App. A.1)
+SQRTKL_GRAD = {"full": 0.5, "l1": 1.0, "l2": -0.5}
+
+
+class ChunkedInstanceLoss(torch.autograd.Function):
+    """The per-row (CE, SqrtKL, logsumexp) of s = z W^T / tau without a b x N tensor: forward
+    streams the log-sum-exps over chunks of the bank; backward recomputes each chunk's logits and
+    uses the closed-form gradients dCE/ds_n = p_n - [n = i] (Eq. 4) and dSqrtKL/ds_n =
+    coef * p_n (log p_n + H)."""
+
+    @staticmethod
+    def forward(ctx, z, bank, target, tau, chunk, part):
+        b = z.shape[0]
+        M = z.new_full((b,), -math.inf)  # running max of s
+        S0, S1 = z.new_zeros(b), z.new_zeros(b)  # sum exp(s - M), sum exp(s - M) s
+        half = z.new_full((b,), -math.inf)  # logsumexp(s / 2)
+        for c in range(0, bank.shape[0], chunk):
+            s = z @ bank[c:c + chunk].T / tau
+            M_new = torch.maximum(M, s.max(1).values)
+            e, shrink = torch.exp(s - M_new[:, None]), torch.exp(M - M_new)
+            S0, S1, M = S0 * shrink + e.sum(1), S1 * shrink + (e * s).sum(1), M_new
+            half = torch.logaddexp(half, torch.logsumexp(0.5 * s, 1))
+        lse = M + S0.log()
+        H = lse - S1 / S0  # entropy: -sum p log p = lse - sum p s
+        log_c = half - 0.5 * lse  # log sum sqrt(p)
+        kl = {"full": log_c - 0.5 * H, "l1": -H, "l2": 0.5 * H + log_c}[part]  # L1 = -H, L2 = H/2 + log c
+        ce = lse - (z * bank[target]).sum(1) / tau
+        ctx.save_for_backward(z, bank, target, lse, H)
+        ctx.tau, ctx.chunk, ctx.coef = tau, chunk, SQRTKL_GRAD[part]
+        ctx.mark_non_differentiable(lse)
+        return ce, kl, lse
+
+    @staticmethod
+    def backward(ctx, g_ce, g_kl, _):
+        z, bank, target, lse, H = ctx.saved_tensors
+        grad = torch.zeros_like(z)
+        for c in range(0, bank.shape[0], ctx.chunk):
+            W = bank[c:c + ctx.chunk]
+            logp = z @ W.T / ctx.tau - lse[:, None]
+            p = logp.exp()
+            grad += (g_ce[:, None] * p + g_kl[:, None] * ctx.coef * p * (logp + H[:, None])) @ W
+        grad -= g_ce[:, None] * bank[target]  # the -[n = i] of dCE/ds_n
+        return grad / ctx.tau, None, None, None, None, None
+
+
+def instance_loss(z, bank, target, tau=0.1, part="full", chunk=0):
+    """Per row of the batch: CE(p, i) (Eq. 2) and L_SqrtKL (Eq. 7) of p = softmax(W z / tau)
+    over all N bank rows (Eq. 1, with NPID's temperature), and logsumexp(s) for the bank update.
+    Run it in float32. chunk > 0 computes the same over chunks of the bank (memory: see the top)."""
+    if chunk and chunk < bank.shape[0]:
+        return ChunkedInstanceLoss.apply(z, bank, target, tau, chunk, part)
+    s = z @ bank.T / tau  # Eq. (1): s_n = w_n^T z / tau
+    logp = F.log_softmax(s, dim=1)
+    ce = -logp.gather(1, target[:, None]).squeeze(1)  # Eq. (2)
+    return ce, sqrtkl(logp, part), torch.logsumexp(s.detach(), 1)
+
+
+# --- memory bank, Sec. 3.2 ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def update_bank(bank, Z, P_b, I, m=0.5, grad_update=True):
+    """Grad Update, Eq. (5)-(6), for the global batch: z_hat_k = z_k - sum_j P_b[j, k] z_j with
+    P_b[j, k] = P[j, I_k] (the softmax of sample j at bank row I_k), i.e. tau times the negative
+    gradient of the batch's summed CE with respect to w_{I_k} (Eq. 4); grad_update=False is NPID's
+    Eq. (3), z_hat_k = z_k. Then w <- m w + (1 - m) z_hat, re-normalised: rows stay on the unit
+    sphere with the features they are compared to."""
+    z_hat = Z - P_b.T @ Z if grad_update else Z
+    bank[I] = F.normalize(m * bank[I] + (1 - m) * z_hat, dim=1)
+
+
+@torch.no_grad()
+def global_batch_update(bank, z, idx, lse, tau, m=0.5, grad_update=True):
+    """Update the bank from the whole global batch, given this rank's rows (z, bank rows idx,
+    logsumexp of their logits): the rows, indices and this rank's softmax at the batch's columns
+    are gathered, so every rank applies the same update and the banks stay equal."""
+    I = common.all_gather_nograd(idx)
+    P_b = torch.exp(z @ bank[I].T / tau - lse[:, None])  # [b, B]: P[j, I_k] for this rank's rows j
+    update_bank(bank, common.all_gather_nograd(z), common.all_gather_nograd(P_b), I, m, grad_update)
+
+
+def whole_view(images, out_size, mean, std):
+    """The whole uint8 image resized to the network input, normalised: no augmentation."""
+    x = images.float().div(255)
+    if x.shape[-1] != out_size:
+        x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", align_corners=False)
+    return common.normalize(x, mean, std)
+
+
+@torch.no_grad()
+def calibrate(model, train, out_size, mean, std, device, chunk=512, workers=0):
+    """Feature Calibrate (Sec. 3.2): w_i = z_i^(0), the untrained network's normalised feature of
+    every training image. The paper names no view: we take the whole unaugmented image, and eval
+    mode, so each row depends on its image alone (not on batching or the number of ranks). Each
+    rank computes a shard; the gathered bank is the same on every rank."""
+    n, world, rank = len(train), common.world_size(), (torch.distributed.get_rank() if common.world_size() > 1 else 0)
+    per = -(-n // world)
+    idx = torch.arange(rank * per, (rank + 1) * per).clamp(max=n - 1)
+    was_training = model.training
+    model.eval()
+    rows = [model(whole_view(train.get(idx[s:s + chunk], workers).to(device), out_size, mean, std)).float()
+            for s in range(0, per, chunk)]
+    model.train(was_training)
+    return common.all_gather_nograd(torch.cat(rows))[:n]
+
+
+def random_bank(n, dim, seed):
+    """NPID's initial bank: uniform in +-1/sqrt(dim/3), rows of norm about 1 (--no-calibrate).
+    Drawn from its own seeded generator, so every rank holds the same bank."""
+    stdv = 1.0 / math.sqrt(dim / 3)
+    return torch.rand(n, dim, generator=torch.Generator().manual_seed(seed)) * 2 * stdv - stdv
+
+
+# --- model --------------------------------------------------------------------------------------------
+
+
+class NPIDNet(nn.Module):
+    """ResNet backbone -> linear head to 128-d -> L2-normalised z (Sec. 3.1, as NPID)."""
+
+    def __init__(self, arch, stem, proj):
+        super().__init__()
+        self.backbone = common.resnet(arch, stem)
+        self.projector = common.projector(self.backbone.dim, proj)
+
+    def forward(self, x):
+        return F.normalize(self.projector(self.backbone(x)), dim=1)
+
+
+# --- training -----------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = common.resolve_common(parse_args(argv), "npid_sqrtkl")
+    if args.temperature <= 0 or args.lam < 0 or not 0 <= args.bank_momentum < 1 or args.bank_chunk < 0:
+        common.fail("need --temperature > 0, --lam >= 0, 0 <= --bank-momentum < 1 and --bank-chunk >= 0")
+    rank, world, device = common.init_distributed()
+    torch.manual_seed(args.seed)
+
+    train = common.load_train_set(args)
+    args.out_size = args.out_size or train.size
+    args.patch_size = None  # random resized crops, not fixed-size patches
+    args.stem = common.default_stem(args.dataset, args.out_size)
+    args.norm_mean, args.norm_std = (list(v) for v in common.data_stats(args.dataset))
+    model = NPIDNet(args.arch, args.stem, args.proj).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    gen = common.make_generator(args.seed, rank, device)
+    state = {}  # the memory bank W; checkpointed, restored by --resume
+    step = common.open_run(args, gen, model, optimizer, state)
+    if "bank" not in state:  # a fresh run: Feature Calibrate (Sec. 3.2), or NPID's random bank
+        state["bank"] = random_bank(len(train), model.projector[-1].out_features, args.seed) if args.no_calibrate \
+            else calibrate(model, train, args.out_size, args.norm_mean, args.norm_std, device, workers=args.workers)
+    bank = state["bank"] = state["bank"].to(device).float()
+    net = common.wrap_ddp(model, device, not args.no_sync_bn)
+    if args.compile:
+        net = torch.compile(net)
+    # NPID's CIFAR augmentation: crop scale (0.2, 1), ColorJitter(0.4, 0.4, 0.4, 0.4) always applied,
+    # grayscale 0.2, flip; no blur, no solarization
+    aug = common.AugConfig(jitter=(0.4, 0.4, 0.4, 0.4), p_jitter=1.0, p_gray=0.2, p_blur=0.0, p_solarize=0.0,
+                           mean=args.norm_mean, std=args.norm_std)
+
+    B, tau = args.batch_size, args.temperature
+    spe = common.steps_per_epoch(len(train), B)
+    total = spe * args.epochs
+    last = min(total, args.max_steps or total)
+    log = common.Logger(args, total, step)
+    test = common.load_dataset(args.dataset, args.data_dir, "test", args.image_size, args.workers, seed=args.seed) \
+        if args.eval_every else None
+
+    def features(imgs):  # quick probe: backbone embedding of the whole image
+        return model.backbone(whole_view(imgs, args.out_size, args.norm_mean, args.norm_std))
+
+    for epoch in range(step // spe, args.epochs):
+        model.train()
+        for imgs, _, idx in common.epoch_batches(train, B, epoch, args.seed, rank, world, step - epoch * spe, args.workers):
+            lr = common.cosine_lr(step, total, args.lr)  # cosine decay (Sec. 4.1)
+            common.set_lr(optimizer, lr)
+            x, _ = common.sample_views(imgs.to(device, non_blocking=True), 1, args.out_size, scale=(0.2, 1.0), generator=gen)
+            x = common.augment(x, aug, gen)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with common.autocast(args, device):
+                z = net(x)
+            z, idx = z.float(), idx.to(device)
+            # the loss of a row needs only its own z and the bank: each rank takes its rows, and DDP's
+            # gradient average gives the global-batch gradient
+            ce, kl, lse = instance_loss(z, bank, idx, tau, args.sqrtkl_part, args.bank_chunk)
+            loss = ce.mean() + args.lam * kl.mean()  # Eq. (13)
+            common.check_finite(loss, step + 1, args.out)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # Grad Update, Eq. (5)-(6) (or NPID's Eq. 3), from the global batch, the same on every rank
+            global_batch_update(bank, z.detach(), idx, lse, tau, args.bank_momentum, not args.no_grad_update)
+            terms = common.all_gather_nograd(torch.stack([loss, ce.mean(), kl.mean()]).detach()[None]).mean(0)
+            step += 1
+            log.step(epoch, step, {"loss": terms[0], "ce": terms[1], "sqrtkl": terms[2]}, lr, B, args.log_every)
+            if step % args.save_every == 0:
+                common.save_run(args, step, epoch, model.backbone, model, optimizer, gen, state)
+            common.crash_for_test(step)
+            if step >= last:
+                break
+        common.save_run(args, step, step // spe, model.backbone, model, optimizer, gen, state)  # epoch end or stop
+        if args.eval_every and ((epoch + 1) % args.eval_every == 0 or step >= last):
+            if common.is_main():
+                model.eval()
+                acc = common.quick_knn(features, train, test, device)
+                log.write({"epoch": epoch + 1, "step": step, "knn_top1": acc, "elapsed_s": log.elapsed()})
+                print(f"epoch {epoch + 1} knn top-1 {acc:.2f}", flush=True)
+            if world > 1:
+                torch.distributed.barrier()
+        if step >= last:
+            break
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

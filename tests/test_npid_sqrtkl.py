@@ -1,0 +1,284 @@
+"""Tests of npid_sqrtkl.py: the paper's worked example, Grad Update against Eq. (5) and autograd,
+the chunked softmax, Feature Calibrate and the Table 6 flags, 2-process banks, resume, learning."""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import npid_sqrtkl as npid
+from dist_util import run_world
+
+ROOT = Path(__file__).resolve().parents[1]
+# a tiny run: 48 synthetic images, 3 steps of 16 per epoch, 16 px network input
+TINY = ["--dataset", "synthetic", "--subset", "48", "--batch-size", "16", "--out-size", "16", "--log-every", "1"]
+
+
+def _bank(path):
+    return torch.load(Path(path) / "checkpoint.pt", weights_only=True)
+
+
+# --- the loss -------------------------------------------------------------------------------------------
+
+
+def test_worked_example_of_sec_3_3_and_appendix_a1():
+    """N = 10, p = (0.91, 0.01 x 9): u = (0.5145, 0.0539, ...), dCE/ds_j = 0.01, dKL/ds_j = -0.0205."""
+    p = torch.tensor([0.91] + [0.01] * 9, dtype=torch.float64)
+    s = p.log().requires_grad_()
+    logp = F.log_softmax(s, 0)
+    u = npid.sqrt_distribution(logp).exp()
+    assert not u.requires_grad  # the teacher u carries no gradient (Sec. 3.3.1)
+    assert abs(u[0].item() - 0.5145) < 5e-5 and torch.allclose(u[1:], torch.tensor(0.0539, dtype=torch.float64), atol=5e-5)
+    (g_ce,) = torch.autograd.grad(-logp[0], s, retain_graph=True)
+    (g_kl,) = torch.autograd.grad(npid.sqrtkl(logp), s)
+    assert torch.allclose(g_ce[1:], torch.tensor(0.01, dtype=torch.float64), atol=1e-12)  # Eq. (23)
+    assert torch.allclose(g_kl[1:], torch.tensor(-0.0205, dtype=torch.float64), atol=5e-5)  # Eq. (24)
+    # App. A.1, Eq. (21): dKL/ds_j = -sum_{k != j} O_k p_k p_j + O_j (p_j - p_j^2), O_k = 1 + 0.5 log p_k + log c
+    c = p.sqrt().sum()
+    O = 1 + 0.5 * p.log() + c.log()
+    eq21 = torch.stack([-(O * p * p[j]).sum() + O[j] * p[j] * p[j] + O[j] * (p[j] - p[j] ** 2) for j in range(10)])
+    assert torch.allclose(g_kl, eq21, atol=1e-12)
+    # and differentiating through u as well would give another gradient: the stop-gradient matters
+    u_grad = torch.sqrt(F.softmax(s, 0)) / torch.sqrt(F.softmax(s, 0)).sum()
+    (g_both,) = torch.autograd.grad((F.softmax(s, 0) * (F.log_softmax(s, 0) - u_grad.log())).sum(), s)
+    assert (g_both - g_kl).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_instance_loss_reproduces_the_worked_example(chunk):
+    """Through instance_loss (plain and chunked): with W = diag(log p), z = 1 and tau = 1 the
+    logits are s = log p, and dL/dz_j = dL/ds_j log p_j."""
+    p = torch.tensor([0.91] + [0.01] * 9, dtype=torch.float64)
+    W = torch.diag(p.log())
+    z = torch.ones(1, 10, dtype=torch.float64, requires_grad=True)
+    ce, kl, lse = npid.instance_loss(z, W, torch.tensor([0]), tau=1.0, chunk=chunk)
+    assert abs(lse.item()) < 1e-12 and abs(ce.item() + math.log(0.91)) < 1e-12
+    (g_kl,) = torch.autograd.grad(kl.sum(), z, retain_graph=True)
+    (g_ce,) = torch.autograd.grad(ce.sum(), z)
+    assert torch.allclose(g_ce[0, 1:] / p[1:].log(), torch.tensor(0.01, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(g_kl[0, 1:] / p[1:].log(), torch.tensor(-0.0205, dtype=torch.float64), atol=5e-5)
+
+
+def _reference_loss(z, W, target, tau, part):
+    """Float64 re-computation of Eq. (1), (2), (12) written out from the paper."""
+    s = z @ W.T / tau
+    p = torch.exp(s - s.max(1, keepdim=True).values)
+    p = p / p.sum(1, keepdim=True)
+    u = (p.sqrt() / p.sqrt().sum(1, keepdim=True)).detach()
+    ce = -torch.log(p[torch.arange(len(z)), target])
+    L1, L2 = (p * p.log()).sum(1), -(p * u.log()).sum(1)
+    return ce, {"full": L1 + L2, "l1": L1, "l2": L2}[part]
+
+
+@pytest.mark.parametrize("part", ["full", "l1", "l2"])
+def test_chunked_softmax_equals_unchunked_and_the_equations(part):
+    g = torch.Generator().manual_seed(0)
+    N, b, d, tau, lam = 50, 6, 16, 0.1, 20.0
+    W = F.normalize(torch.randn(N, d, generator=g, dtype=torch.float64), dim=1)
+    z0 = F.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=1)
+    target = torch.randperm(N, generator=g)[:b]
+    out = {}
+    for chunk in (0, 7, 50, 1000):  # 7 does not divide N; 50 and 1000 fall back to the plain path
+        z = z0.clone().requires_grad_()
+        ce, kl, lse = npid.instance_loss(z, W, target, tau, part, chunk)
+        (ce.mean() + lam * kl.mean()).backward()
+        out[chunk] = (ce.detach(), kl.detach(), lse, z.grad)
+    z = z0.clone().requires_grad_()
+    ce, kl = _reference_loss(z, W, target, tau, part)
+    (ce.mean() + lam * kl.mean()).backward()
+    ref = (ce.detach(), kl.detach(), torch.logsumexp(z0 @ W.T / tau, 1), z.grad)
+    for chunk, got in out.items():
+        for a, r in zip(got, ref):
+            assert torch.allclose(a, r, rtol=1e-9, atol=1e-12), chunk
+    # float32, as the training loop runs it: still equal to float tolerance
+    z = z0.float().clone().requires_grad_()
+    ce, kl, _ = npid.instance_loss(z, W.float(), target, tau, part, 7)
+    (ce.mean() + lam * kl.mean()).backward()
+    assert torch.allclose(z.grad.double(), ref[3], atol=1e-4) and torch.allclose(kl.double(), ref[1], atol=1e-5)
+
+
+# --- the bank ------------------------------------------------------------------------------------------
+
+
+def test_grad_update_is_eq5_and_the_negative_bank_gradient():
+    g = torch.Generator().manual_seed(1)
+    N, B, d, tau, m = 12, 5, 8, 0.1, 0.5
+    W = F.normalize(torch.randn(N, d, generator=g, dtype=torch.float64), dim=1)
+    Z = F.normalize(torch.randn(B, d, generator=g, dtype=torch.float64), dim=1)
+    I = torch.randperm(N, generator=g)[:B]
+    P = torch.softmax(Z @ W.T / tau, 1)  # [B, N], row j = sample j's distribution over the bank
+    # Eq. (5) with loops: z_hat_k = (1 - p_k) z_k - sum_{j != k} p_j z_j, p read at bank row I_k
+    z_hat = torch.zeros(B, d, dtype=torch.float64)
+    for k in range(B):
+        z_hat[k] = (1 - P[k, I[k]]) * Z[k]
+        for j in range(B):
+            if j != k:
+                z_hat[k] -= P[j, I[k]] * Z[j]
+    bank = W.clone()
+    npid.update_bank(bank, Z, P[:, I], I, m)
+    expected = W.clone()
+    for k in range(B):  # Eq. (6), then re-normalised
+        w = m * W[I[k]] + (1 - m) * z_hat[k]
+        expected[I[k]] = w / w.norm()
+    assert torch.allclose(bank, expected, atol=1e-12)
+    # z_hat is the negative gradient of the batch's SUMMED CE with respect to w_{I_k}, times tau:
+    # s = W z / tau puts a 1/tau on every dCE/dw (Eq. 4 has tau = 1)
+    Wg = W.clone().requires_grad_()
+    ce = F.cross_entropy(Z @ Wg.T / tau, I, reduction="sum")
+    (grad,) = torch.autograd.grad(ce, Wg)
+    assert torch.allclose(-tau * grad[I], z_hat, atol=1e-12)
+    # NPID's Eq. (3) (--no-grad-update): w <- m w + (1 - m) z, re-normalised
+    plain = W.clone()
+    npid.update_bank(plain, Z, P[:, I], I, m, grad_update=False)
+    assert torch.allclose(plain[I], F.normalize(m * W[I] + (1 - m) * Z, dim=1), atol=1e-12)
+    rest = torch.ones(N, dtype=torch.bool)
+    rest[I] = False
+    assert torch.equal(bank[rest], W[rest]) and torch.equal(plain[rest], W[rest])
+
+
+def _untrained_features(images, out_size, seed=0):
+    """The untrained network's normalised features, written out here: eval mode, whole image."""
+    torch.manual_seed(seed)
+    net = npid.NPIDNet("resnet18", "cifar", "128").eval()
+    mean, std = common.data_stats("synthetic")
+    x = F.interpolate(images.float() / 255, size=(out_size, out_size), mode="bilinear", align_corners=False)
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return F.normalize(net(x), dim=1)
+
+
+def test_feature_calibrate_fills_every_row_with_the_untrained_features():
+    train = common.synthetic_set("train").subset(torch.arange(40))
+    torch.manual_seed(0)
+    model = npid.NPIDNet("resnet18", "cifar", "128")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mean, std = common.data_stats("synthetic")
+    bank = npid.calibrate(model, train, 16, mean, std, torch.device("cpu"), chunk=16)
+    assert bank.shape == (40, 128)
+    assert torch.allclose(bank.norm(dim=1), torch.ones(40), atol=1e-5)
+    assert torch.allclose(bank, _untrained_features(train.images, 16), atol=1e-5)
+    assert model.training  # mode restored, and BatchNorm running statistics untouched (eval mode)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_table6_flags_change_what_table6_says(tmp_path):
+    """One step of each row of Table 6 from the same seed: the first batch, the views and z are
+    the same in every run, so each flag shows only its own effect."""
+    runs = {}
+    for name, extra in [("ours", []), ("no_grad_update", ["--no-grad-update"]), ("lam0", ["--lam", "0"]),
+                        ("no_calibrate", ["--no-calibrate"])]:
+        npid.main(TINY + ["--epochs", "1", "--max-steps", "1", "--out", str(tmp_path / name)] + extra)
+        runs[name] = _bank(tmp_path / name)
+    train = common.synthetic_set("train").subset(common.subset_indices(10000, 48))
+    first = next(common.epoch_batches(train, 16, 0, 0))[2]
+    rest = torch.ones(48, dtype=torch.bool)
+    rest[first] = False
+    z0 = _untrained_features(train.images, 16)
+    bank = runs["ours"]["state"]["bank"]
+    # Feature Calibrate: rows not yet updated hold the untrained network's features; the batch's rows moved
+    assert torch.allclose(bank[rest], z0[rest], atol=1e-5)
+    assert (bank[first] - z0[first]).norm(dim=1).min() > 1e-3
+    assert torch.allclose(bank.norm(dim=1), torch.ones(48), atol=1e-5)
+    # --no-grad-update: same gradient step, other bank rows for the batch only
+    other = runs["no_grad_update"]
+    assert all(torch.equal(v, other["model"][k]) for k, v in runs["ours"]["model"].items())
+    assert torch.equal(other["state"]["bank"][rest], bank[rest])
+    assert (other["state"]["bank"][first] - bank[first]).norm(dim=1).min() > 1e-4
+    # --lam 0: another gradient (CE alone), the same bank update
+    lam0 = runs["lam0"]
+    assert torch.equal(lam0["state"]["bank"], bank)
+    assert any(not torch.equal(v, lam0["model"][k]) for k, v in runs["ours"]["model"].items() if v.is_floating_point())
+    # --no-calibrate: NPID's uniform random bank, rows of norm about 1, not the network's features
+    rnd = runs["no_calibrate"]["state"]["bank"][rest]
+    a = math.sqrt(3 / 128)
+    assert rnd.abs().max() <= a and (rnd.norm(dim=1) - 1).abs().max() > 1e-3 and (rnd.norm(dim=1) - 1).abs().mean() < 0.1
+    assert (rnd @ z0[rest].T).diagonal().abs().max() < 0.6
+
+
+def test_bad_flags_are_one_line_errors():
+    with pytest.raises(common.UserError):
+        npid.main(TINY + ["--temperature", "0", "--out", "/nonexistent"])
+    with pytest.raises(common.UserError):
+        npid.main(TINY + ["--bank-momentum", "1", "--out", "/nonexistent"])
+
+
+# --- distributed ---------------------------------------------------------------------------------------
+
+
+def _fixed_embedding_steps(rank, world, chunk):
+    """Three steps of loss + backward + bank update on fixed embeddings of a global batch of 8,
+    each rank taking its slice. Returns the bank, the global-batch losses and the local gradients."""
+    g = torch.Generator().manual_seed(0)
+    N, B, d, tau, lam = 40, 8, 16, 0.1, 20.0
+    bank = F.normalize(torch.randn(N, d, generator=g, dtype=torch.float64), dim=1)
+    b = B // world
+    losses, grads = [], []
+    for _ in range(3):
+        Z = F.normalize(torch.randn(B, d, generator=g, dtype=torch.float64), dim=1)
+        I = torch.randperm(N, generator=g)[:B]
+        z, idx = Z[rank * b:(rank + 1) * b].clone().requires_grad_(), I[rank * b:(rank + 1) * b]
+        ce, kl, lse = npid.instance_loss(z, bank, idx, tau, "full", chunk)
+        loss = ce.mean() + lam * kl.mean()
+        loss.backward()
+        npid.global_batch_update(bank, z.detach(), idx, lse, tau)
+        losses.append(common.all_gather_nograd(loss.detach()[None]).mean())
+        grads.append(z.grad)
+    return {"bank": bank, "losses": torch.stack(losses), "grads": torch.stack(grads)}
+
+
+def _two_process_worker(rank, world, out_dir):
+    import torch.distributed as dist
+    fixed = {chunk: _fixed_embedding_steps(rank, world, chunk) for chunk in (0, 7)}
+    banks = []  # the bank at every checkpoint of a real 2-process training run
+    save, destroy = common.save_run, dist.destroy_process_group
+
+    def spy(args, step, epoch, backbone, model, optimizer, generator, method_state=None):
+        banks.append(method_state["bank"].clone())
+        return save(args, step, epoch, backbone, model, optimizer, generator, method_state)
+
+    common.save_run, dist.destroy_process_group = spy, (lambda *a, **k: None)
+    try:
+        npid.main(TINY + ["--epochs", "1", "--max-steps", "3", "--save-every", "1", "--out", out_dir])
+    finally:
+        common.save_run, dist.destroy_process_group = save, destroy
+    return {"fixed": fixed, "banks": banks}
+
+
+def test_two_processes_keep_identical_banks_and_the_one_process_loss(tmp_path):
+    r0, r1 = run_world(_two_process_worker, 2, (str(tmp_path / "ddp"),))
+    # the real training run: the bank is bit-identical on both ranks after calibration and every step
+    assert len(r0["banks"]) == len(r1["banks"]) == 4
+    assert all(torch.equal(a, b) for a, b in zip(r0["banks"], r1["banks"]))
+    assert not torch.equal(r0["banks"][0], r0["banks"][-1])
+    for chunk in (0, 7):
+        one = _fixed_embedding_steps(0, 1, chunk)
+        f0, f1 = r0["fixed"][chunk], r1["fixed"][chunk]
+        assert torch.equal(f0["bank"], f1["bank"])
+        assert torch.allclose(f0["bank"], one["bank"], atol=1e-12)
+        assert torch.allclose(f0["losses"], one["losses"], atol=1e-12) and torch.equal(f0["losses"], f1["losses"])
+        # each rank's loss is the mean over its rows: its gradient / world is the global-batch gradient
+        assert torch.allclose(torch.cat([f0["grads"], f1["grads"]], 1) / 2, one["grads"], atol=1e-12)
+
+
+# --- resume ------------------------------------------------------------------------------------------
+
+
+def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path):
+    args = TINY + ["--epochs", "2", "--save-every", "4", "--bank-chunk", "10"]
+    npid.main(args + ["--out", str(tmp_path / "full")])
+    crash = tmp_path / "crash"
+    r = subprocess.run([sys.executable, "npid_sqrtkl.py", *args, "--out", str(crash)], cwd=ROOT,
+                       env=dict(os.environ, EFFSSL_CRASH_AT_STEP="5"), capture_output=True, text=True)
+    assert r.returncode == 137, r.stderr[-2000:]
+    assert _bank(crash)["step"] == 4  # mid-epoch 1 (3 steps per epoch)
+    npid.main(args + ["--out", str(crash), "--resume"])
+    full, resumed = _bank(tmp_path / "full"), _bank(crash)
+    assert full["step"] == resumed["step"] == 6
+    torch.testing.assert_close(resumed["state"]["bank"], full["state"]["bank"], rtol=1e-5, atol=1e-6)
+    for k, v in full["model"].items():
+        torch.testing.assert_close(resumed["model"][k], v, rtol=1e-5, atol=1e-6)
