@@ -133,13 +133,13 @@ def vicreg(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
     """VICReg (Bardes et al. 2021, Eq. 1-6, as main_vicreg.py): invariance MSE, variance hinge on
     sqrt(Var + 1e-4) averaged over the two branches, off-diagonal covariance^2 / d summed over them."""
     B, d = z1.shape
-    repr_loss = F.mse_loss(z1, z2)  # s(Z, Z'), Eq. 5
+    repr_loss = F.mse_loss(z1, z2)  # s(Z, Z'), Eq. 5 (mean over dimensions too, as the official code)
     x, y = z1 - z1.mean(0), z2 - z2.mean(0)
-    std_x, std_y = torch.sqrt(x.var(0) + 1e-4), torch.sqrt(y.var(0) + 1e-4)
-    std_loss = F.relu(1 - std_x).mean() / 2 + F.relu(1 - std_y).mean() / 2  # v(Z), Eq. 1
-    cov_x, cov_y = x.T @ x / (B - 1), y.T @ y / (B - 1)
+    std_x, std_y = torch.sqrt(x.var(0) + 1e-4), torch.sqrt(y.var(0) + 1e-4)  # S(z^j, eps), Eq. 2
+    std_loss = F.relu(1 - std_x).mean() / 2 + F.relu(1 - std_y).mean() / 2  # v(Z), Eq. 1, branches averaged
+    cov_x, cov_y = x.T @ x / (B - 1), y.T @ y / (B - 1)  # C(Z), Eq. 3
     off = ~torch.eye(d, dtype=torch.bool, device=z1.device)
-    cov_loss = cov_x[off].pow(2).sum() / d + cov_y[off].pow(2).sum() / d  # c(Z), Eq. 3-4
+    cov_loss = cov_x[off].pow(2).sum() / d + cov_y[off].pow(2).sum() / d  # c(Z) + c(Z'), Eq. 4
     loss = sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss  # Eq. 6
     return {"loss": loss, "inv": repr_loss, "var": std_loss, "cov": cov_loss}
 
@@ -185,18 +185,19 @@ def bag_loss(Z, T, args):
     """The --loss objective on view-major global projections Z [n, B, d] (BYOL: online
     predictions, with target projections T). Two-view losses average over the n(n-1)/2 pairs
     of views (n = 2 in the paper: the plain loss)."""
-    Z = Z.float()  # covariance, softmax and log-det in float32 (SPEC 1.4)
-    if args.loss == "tcr":
-        return tcr(Z, args.eps2, args.inv_weight)
-    terms = []
-    for i, j in itertools.combinations(range(len(Z)), 2):
-        if args.loss == "vicreg":
-            terms.append(vicreg(Z[i], Z[j], args.sim_coeff, args.std_coeff, args.cov_coeff))
-        elif args.loss == "simclr":
-            terms.append(simclr(Z[i], Z[j], args.temperature))
-        else:
-            terms.append(byol(Z[i], Z[j], T[i].float(), T[j].float()))
-    return {k: torch.stack([t[k] for t in terms]).mean() for k in terms[0]}
+    with torch.autocast(Z.device.type, enabled=False):  # covariance, softmax, log-det in float32 (SPEC 1.4)
+        Z = Z.float()
+        if args.loss == "tcr":
+            return tcr(Z, args.eps2, args.inv_weight)
+        terms = []
+        for i, j in itertools.combinations(range(len(Z)), 2):
+            if args.loss == "vicreg":
+                terms.append(vicreg(Z[i], Z[j], args.sim_coeff, args.std_coeff, args.cov_coeff))
+            elif args.loss == "simclr":
+                terms.append(simclr(Z[i], Z[j], args.temperature))
+            else:
+                terms.append(byol(Z[i], Z[j], T[i].float(), T[j].float()))
+        return {k: torch.stack([t[k] for t in terms]).mean() for k in terms[0]}
 
 
 def global_loss(z, t, args):

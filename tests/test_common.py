@@ -159,12 +159,18 @@ def crop_interp(img, box, out):
     return F.interpolate(img[None, :, t:t + h, l:l + w], size=(out, out), mode="bilinear", align_corners=False)[0]
 
 
+def uint8_images(n, size=32, seed=0):
+    """The loaders' uint8 images [n,3,size,size] (sample_patches / sample_views take them)."""
+    return (images(n, size, seed) * 255).round().to(torch.uint8)
+
+
 @pytest.mark.parametrize("size,out", [(16, 32), (16, 16), (24, 16), (5, 32)])
 def test_sample_patches_view_major_and_equal_to_interpolated_crops(size, out):
     B, n = 5, 7
-    x = images(B, 32, seed=2)
-    p, boxes = common.sample_patches(x, n, size, out, torch.Generator().manual_seed(0))
-    assert p.shape == (n * B, 3, out, out) and boxes.shape == (n * B, 4)
+    u8 = uint8_images(B, 32, seed=2)
+    x = u8.float() / 255  # patches are floats in [0,1]
+    p, boxes = common.sample_patches(u8, n, size, out, torch.Generator().manual_seed(0))
+    assert p.shape == (n * B, 3, out, out) and boxes.shape == (n * B, 4) and p.dtype == torch.float32
     assert (boxes[:, 2:] == size).all() and (boxes[:, :2] >= 0).all() and (boxes[:, :2] <= 32 - size).all()
     for i in range(n):
         for b in range(B):
@@ -176,30 +182,16 @@ def test_sample_patches_view_major_and_equal_to_interpolated_crops(size, out):
 
 
 def test_sample_patches_positions_cover_the_image_uniformly():
-    x = torch.rand(50, 3, 32, 32)
-    _, boxes = common.sample_patches(x, 40, 16, 16, torch.Generator().manual_seed(1))
+    u8 = uint8_images(50, 32)
+    _, boxes = common.sample_patches(u8, 40, 16, 16, torch.Generator().manual_seed(1))
     for col in (0, 1):
         counts = torch.bincount(boxes[:, col], minlength=17)
         assert len(counts) == 17 and counts.min() > 0.6 * counts.float().mean()
 
 
-def test_sample_patches_of_uint8_images_are_in_unit_range():
-    """The documented contract: patches are floats in [0,1] for the uint8 images the loaders
-    yield (emp_ssl.py passes uint8 batches straight in), i.e. the same as for images / 255."""
-    u8 = (images(4, 32, seed=5) * 255).round().to(torch.uint8)
-    p8, b8 = common.sample_patches(u8, 3, 16, 32, torch.Generator().manual_seed(0))
-    pf, bf = common.sample_patches(u8.float() / 255, 3, 16, 32, torch.Generator().manual_seed(0))
-    assert torch.equal(b8, bf)
-    assert p8.max() <= 1.0, "uint8 images are not scaled to [0,1]"
-    close(p8, pf, 1e-5)
-    v8, _ = common.sample_views(u8, 2, 24, generator=torch.Generator().manual_seed(0))
-    vf, _ = common.sample_views(u8.float() / 255, 2, 24, generator=torch.Generator().manual_seed(0))
-    close(v8, vf, 1e-5)
-
-
 def test_patch_larger_than_image_is_a_user_error():
     with pytest.raises(common.UserError):
-        common.sample_patches(torch.rand(2, 3, 32, 32), 4, 33, 32)
+        common.sample_patches(uint8_images(2, 32), 4, 33, 32)
 
 
 def test_random_resized_boxes_inside_with_area_and_ratio_in_range():
@@ -236,12 +228,12 @@ def test_random_resized_boxes_fallback_is_torchvisions_central_crop():
 
 def test_sample_views_equal_interpolated_crops_view_major():
     B, m = 4, 3
-    x = images(B, 32, seed=7)
-    v, boxes = common.sample_views(x, m, 24, generator=torch.Generator().manual_seed(2))
+    u8 = uint8_images(B, 32, seed=7)
+    v, boxes = common.sample_views(u8, m, 24, generator=torch.Generator().manual_seed(2))
     assert v.shape == (m * B, 3, 24, 24)
     assert len({tuple(b) for b in boxes[:, 2:].tolist()}) > 1  # crops of different sizes in one batch
     for k in range(m * B):
-        close(v[k], crop_interp(x[k % B], boxes[k], 24))
+        close(v[k], crop_interp(u8[k % B].float() / 255, boxes[k], 24))
 
 
 # ---------------------------------------------------------------------------------------------
