@@ -105,9 +105,12 @@ class ImageSet:
 def _decode(path, size):
     """Decode one image file to uint8 [3,size,size]: resize the short side (size*8/7 for large
     images, i.e. 256 for 224, as the ImageNet protocol), then centre crop."""
+    import warnings
     from torchvision.io import ImageReadMode, decode_image, read_file
     try:
-        img = decode_image(read_file(path), mode=ImageReadMode.RGB)
+        with warnings.catch_warnings():  # deprecated in torchvision 0.29 for TorchCodec, still fine
+            warnings.simplefilter("ignore", DeprecationWarning)
+            img = decode_image(read_file(path), mode=ImageReadMode.RGB)
     except Exception:  # formats torchvision.io cannot read: fall back to PIL
         from PIL import Image
         with Image.open(path) as im:
