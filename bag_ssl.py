@@ -49,8 +49,8 @@ def parse_args(argv=None):
       help="projector dims (App. C.1: 4096-128 CIFAR-10, 4096-512 CIFAR-100; C.2: 8192-8192-8192 in100)")
     a("--warmup-epochs", type=int, default=10,
       help="linear warm-up epochs before the cosine decay to 0 (App. C: 10; capped at half of a short run)")
-    a("--eta", type=float, default=0.02,
-      help="LARS trust coefficient (not in the paper; solo-learn's CIFAR configs, whose lr/wd/warm-up App. C.1 matches)")
+    a("--eta", type=float, default=0.005,
+      help="LARS trust coefficient (not in the paper; 0.005 as the same group's official EMP-SSL code)")
     # VICReg (Bardes et al. 2021), App. C.1: invariance / variance / covariance 25 / 25 / 1
     a("--sim-coeff", type=float, default=25.0, help="vicreg: invariance weight (App. C.1: 25)")
     a("--std-coeff", type=float, default=25.0, help="vicreg: variance weight (App. C.1: 25)")

@@ -94,6 +94,8 @@ def resolve_args(args):
     """Data-set dependent defaults (Sec. 3 settings): patch and input sides, stem, normalisation."""
     args = common.resolve_common(args, "emp_ssl")
     ps, os_ = PATCH.get(args.dataset, (None, None))
+    if (args.patch_size is not None and args.patch_size <= 0) or (args.out_size is not None and args.out_size <= 0):
+        common.fail("--patch-size and --out-size must be positive")
     args.patch_size = args.patch_size or ps or (args.image_size or 64) // 2
     args.out_size = args.out_size or os_ or 2 * args.patch_size
     args.stem = common.default_stem(args.dataset, args.out_size)
@@ -139,6 +141,8 @@ def main(argv=None):
     for epoch in range(step // spe, args.epochs):
         model.train()
         for imgs, _, _ in common.epoch_batches(train, B, epoch, args.seed, rank, world, step - epoch * spe, args.workers):
+            if step >= last:  # a resumed run that already reached --max-steps
+                break
             lr = common.cosine_lr(step, total, args.lr)  # cosine to 0, no warm-up (Sec. 3)
             common.set_lr(optimizer, lr)
             x, _ = common.sample_patches(imgs.to(device, non_blocking=True), n, args.patch_size, args.out_size, gen)
