@@ -13,15 +13,14 @@ Paper: papers/npid_sqrtkl.md. CIFAR-10, ResNet-18, 400 epochs (91.1 % linear, Ta
 Table 6 rows: --no-calibrate, --no-grad-update, --lam 0. Multi-GPU (batch is global):
     torchrun --nproc_per_node=4 npid_sqrtkl.py --dataset in100
 
-Memory of the softmax over the bank (float32, per process, b = the process's share of the batch):
-the bank itself is N x 128 x 4 bytes (CIFAR 26 MB, in100 65 MB, ImageNet 656 MB). The plain loss
-(--bank-chunk 0) holds about 8 tensors of b x N floats through forward and backward (logits,
-log p, p, log u and the products of Eq. 12, then their gradients): 32 b N bytes, measured on the
-CPU at 31-35 b N. CIFAR (b = 512, N = 50,000): 0.8 GB. in100 (b = 512, N = 126,689): 2.1 GB.
-ImageNet (N = 1,281,167): 21 GB at b = 512 on one GPU, 2.6 GB at b = 64 (512 over 8 GPUs).
---bank-chunk C streams the bank in chunks of C rows and holds about 5 tensors of b x C floats
-(20 b C bytes: 0.7 GB at b = 512, C = 65,536) plus b x N x 0 (nothing of size N except W), at the
-cost of one more b x N x 128 matmul per step.
+Memory of the softmax over the bank (float32, per process; b = this process's rows, B / world,
+since each rank takes the loss of its own rows only). The bank is N x 128 x 4 bytes (CIFAR 26 MB,
+in100 65 MB, ImageNet 656 MB), the same on every rank. The plain loss (--bank-chunk 0) peaks at
+about 20 b N bytes in forward + backward (five float32 b x N tensors: logits, log p, p, log u and
+a product of Eq. 12; measured on the CPU: 18-20 b N): CIFAR-10 (b = 512, N = 50,000) 0.5 GB,
+in100 (b = 512, N = 126,689) 1.3 GB, ImageNet (N = 1,281,167) 13 GB at b = 512, 1.6 GB at b = 64
+(512 over 8 GPUs). --bank-chunk C never holds more than a few b x C tensors: about 20 b C bytes
+(0.7 GB at b = 512, C = 65,536; measured 18 b C), whatever N, for one extra b x N x 128 matmul.
 """
 import math
 
@@ -137,6 +136,8 @@ def update_bank(bank, Z, P_b, I, m=0.5, grad_update=True):
     gradient of the batch's summed CE with respect to w_{I_k} (Eq. 4); grad_update=False is NPID's
     Eq. (3), z_hat_k = z_k. Then w <- m w + (1 - m) z_hat, re-normalised: rows stay on the unit
     sphere with the features they are compared to."""
+    # |z_hat| is not 1: where one row takes much of the batch's softmax mass (B comparable to N, or
+    # near-identical features) the sum term dominates the mix and can flip the row
     z_hat = Z - P_b.T @ Z if grad_update else Z
     bank[I] = F.normalize(m * bank[I] + (1 - m) * z_hat, dim=1)
 

@@ -15,8 +15,8 @@ import npid_sqrtkl as npid
 from dist_util import run_world
 
 ROOT = Path(__file__).resolve().parents[1]
-# a tiny run: 48 synthetic images, 3 steps of 16 per epoch, 16 px network input
-TINY = ["--dataset", "synthetic", "--subset", "48", "--batch-size", "16", "--out-size", "16", "--log-every", "1"]
+# a tiny run for the mechanics: 48 synthetic images, 3 steps of 16 per epoch, 8 px network input
+TINY = ["--dataset", "synthetic", "--subset", "48", "--batch-size", "16", "--out-size", "8", "--log-every", "1"]
 
 
 def _bank(path):
@@ -158,10 +158,10 @@ def test_feature_calibrate_fills_every_row_with_the_untrained_features():
     model = npid.NPIDNet("resnet18", "cifar", "128")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     mean, std = common.data_stats("synthetic")
-    bank = npid.calibrate(model, train, 16, mean, std, torch.device("cpu"), chunk=16)
+    bank = npid.calibrate(model, train, 8, mean, std, torch.device("cpu"), chunk=16)
     assert bank.shape == (40, 128)
     assert torch.allclose(bank.norm(dim=1), torch.ones(40), atol=1e-5)
-    assert torch.allclose(bank, _untrained_features(train.images, 16), atol=1e-5)
+    assert torch.allclose(bank, _untrained_features(train.images, 8), atol=1e-5)
     assert model.training  # mode restored, and BatchNorm running statistics untouched (eval mode)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -178,7 +178,7 @@ def test_table6_flags_change_what_table6_says(tmp_path):
     first = next(common.epoch_batches(train, 16, 0, 0))[2]
     rest = torch.ones(48, dtype=torch.bool)
     rest[first] = False
-    z0 = _untrained_features(train.images, 16)
+    z0 = _untrained_features(train.images, 8)
     bank = runs["ours"]["state"]["bank"]
     # Feature Calibrate: rows not yet updated hold the untrained network's features; the batch's rows moved
     assert torch.allclose(bank[rest], z0[rest], atol=1e-5)
