@@ -97,6 +97,8 @@ def resolve_args(argv=None):
         common.fail("--patches must be at least 2 (two views per image)")
     if args.warmup_epochs < 0:
         common.fail("--warmup-epochs must not be negative")
+    if not (args.eps2 > 0 and args.temperature > 0 and 0 <= args.tau_base <= 1):
+        common.fail("--eps2 and --temperature must be positive and --tau-base in [0, 1]")
     return args
 
 
@@ -307,7 +309,8 @@ def main(argv=None):
 
     for epoch in range(step // spe, args.epochs):
         model.train()
-        for imgs, _, _ in common.epoch_batches(train, B, epoch, args.seed, rank, world, step - epoch * spe, args.workers):
+        batches = common.epoch_batches(train, B, epoch, args.seed, rank, world, step - epoch * spe, args.workers)
+        for imgs, _, _ in batches:
             lr = common.cosine_lr(step, total, args.lr, warmup)  # warm-up, then cosine to 0 (App. C)
             common.set_lr(optimizer, lr)
             x, _ = sample(imgs.to(device, non_blocking=True), args, gen)
