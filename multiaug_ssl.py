@@ -1,5 +1,5 @@
-"""Multi-view Barlow Twins / VICReg with a small projector (Ghosh, Agrawal, Sodhani, Oberman,
-Richards 2024, "Harnessing small projectors and multiple views for efficient vision pretraining").
+"""Multi-view Barlow Twins / VICReg with a small projector ("Harnessing small projectors and
+multiple views for efficient vision pretraining", NeurIPS 2024).
 
 Every image gets M augmented views (M = 2, 4, 8). Instead of comparing all M(M-1)/2 view pairs,
 each view is pulled towards the mean over views (Eq. 10: invariance to the sample estimate of the
@@ -42,6 +42,9 @@ def parse_args(argv=None):
       help="train on a fixed seeded fraction of the training set (Sec. 4.3: 1.0 / 0.5 / 0.25 for 2 / 4 / 8 views)")
     a("--out-size", type=int, default=None, help="side the random resized crops are resized to (default: the image side)")
     a("--scale", type=float, nargs=2, default=(0.08, 1.0), help="random resized crop area range (authors' CIFAR pipeline)")
+    a("--p-gray", type=float, default=0.2,
+      help="grayscale probability (authors' CIFAR pipeline: 0.2; not in the paper). With no hue jitter, a data set "
+           "whose colour is class-free nuisance (synthetic) is learnt by its colour first: raise it there")
     return p.parse_args(argv)
 
 
@@ -148,6 +151,8 @@ def main(argv=None):
         common.fail("--train-fraction must be in (0, 1]")
     if args.pdim <= 1:
         common.fail("--pdim must be at least 2")
+    if not 0 <= args.p_gray <= 1:
+        common.fail("--p-gray must be in [0, 1]")
     if not 0 < args.scale[0] <= args.scale[1] <= 1:
         common.fail("--scale takes two numbers 0 < lo <= hi <= 1")
     if args.lam is None:
@@ -177,7 +182,7 @@ def main(argv=None):
     if args.compile:
         net = torch.compile(net)
     # the authors' CIFAR views: crop + flip + jitter 0.4/0.4/0.4 (hue 0) p=0.8 + grayscale 0.2
-    aug = common.AugConfig(jitter=(0.4, 0.4, 0.4, 0.0), p_blur=0.0, p_solarize=0.0,
+    aug = common.AugConfig(jitter=(0.4, 0.4, 0.4, 0.0), p_gray=args.p_gray, p_blur=0.0, p_solarize=0.0,
                            mean=args.norm_mean, std=args.norm_std)
 
     M, B = args.views, args.batch_size

@@ -269,16 +269,20 @@ def test_two_processes_keep_identical_banks_and_the_one_process_loss(tmp_path):
 
 
 def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path):
-    args = TINY + ["--epochs", "2", "--save-every", "4", "--bank-chunk", "10"]
+    # 3 steps per epoch, the run stops at step 4 of 6 (the schedule spans 6); checkpoints every 2 steps
+    args = TINY + ["--epochs", "2", "--max-steps", "4", "--save-every", "2", "--bank-chunk", "10"]
     npid.main(args + ["--out", str(tmp_path / "full")])
     crash = tmp_path / "crash"
     r = subprocess.run([sys.executable, "npid_sqrtkl.py", *args, "--out", str(crash)], cwd=ROOT,
-                       env=dict(os.environ, EFFSSL_CRASH_AT_STEP="5"), capture_output=True, text=True)
+                       env=dict(os.environ, EFFSSL_CRASH_AT_STEP="3"), capture_output=True, text=True)
     assert r.returncode == 137, r.stderr[-2000:]
-    assert _bank(crash)["step"] == 4  # mid-epoch 1 (3 steps per epoch)
-    npid.main(args + ["--out", str(crash), "--resume"])
+    assert _bank(crash)["step"] == 2  # killed after step 3, before the epoch-end save: step 3 is lost
+    npid.main(args + ["--out", str(crash), "--resume"])  # resumes mid-epoch 0, crosses into epoch 1
     full, resumed = _bank(tmp_path / "full"), _bank(crash)
-    assert full["step"] == resumed["step"] == 6
+    assert full["step"] == resumed["step"] == 4
     torch.testing.assert_close(resumed["state"]["bank"], full["state"]["bank"], rtol=1e-5, atol=1e-6)
     for k, v in full["model"].items():
         torch.testing.assert_close(resumed["model"][k], v, rtol=1e-5, atol=1e-6)
+    for k, v in full["optimizer"]["state"].items():
+        torch.testing.assert_close(resumed["optimizer"]["state"][k]["momentum_buffer"], v["momentum_buffer"],
+                                   rtol=1e-5, atol=1e-6)
