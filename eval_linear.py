@@ -116,7 +116,7 @@ def extract(args, embed, ds, device, targs):
                                        aug=aug if args.bag_augment else None, generator=gen)
         elif args.mode == "central":
             x = imgs.float().div(255)
-            if x.shape[-1] != out_size and targs.get("patch_size") is None:
+            if x.shape[-1] != out_size and (args.out_size is not None or targs.get("patch_size") is None):
                 x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", align_corners=False, antialias=True)
             f = embed(common.normalize(x, mean, std)).float()
         elif args.mode == "local":
