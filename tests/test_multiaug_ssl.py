@@ -203,10 +203,10 @@ def _run(args, env=None, check=True, script="multiaug_ssl.py"):
 TINY = ["--dataset", "synthetic", "--arch", "resnet18", "--out-size", "16", "--pdim", "32", "--log-every", "1"]
 
 
-def test_cli_run_with_fraction_views_and_vicreg_writes_a_probeable_checkpoint(tmp_path):
+def test_run_with_fraction_views_and_vicreg_writes_a_probeable_checkpoint(tmp_path):
     out = tmp_path / "run"
-    _run([*TINY, "--views", "4", "--loss", "vicreg", "--subset", "128", "--train-fraction", "0.25",
-          "--batch-size", "8", "--epochs", "1", "--out", str(out)])
+    ma.main([*TINY, "--views", "4", "--loss", "vicreg", "--subset", "128", "--train-fraction", "0.25",
+             "--batch-size", "8", "--epochs", "1", "--out", str(out)])  # in-process: main(argv) parses the flags
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     a = ck["args"]
     assert a["train_images"] == 32 and ck["step"] == 4  # 32 images / batch 8
@@ -215,21 +215,23 @@ def test_cli_run_with_fraction_views_and_vicreg_writes_a_probeable_checkpoint(tm
     assert ck["model"]["projector.3.weight"].shape == (32, 32) and "projector.0.bias" not in ck["model"]
     assert json.loads((out / "args.json").read_text())["train_fraction"] == 0.25
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
-    bad = _run([*TINY, "--views", "1", "--out", str(tmp_path / "bad")], check=False)
-    assert bad.returncode == 2 and "--views" in bad.stderr and not (tmp_path / "bad").exists()
+    for bad in (["--views", "1"], ["--train-fraction", "0"], ["--p-gray", "2"]):
+        with pytest.raises(common.UserError):
+            ma.main([*TINY, *bad, "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
 
 
-def test_resume_after_crash_mid_epoch_equals_uninterrupted_run(tmp_path):
-    """2 steps per epoch, 2 epochs; killed after step 3 (mid epoch 2, last checkpoint at step 3),
-    resumed with --resume: the final weights equal the uninterrupted run's."""
+def test_resume_after_crash_mid_epoch_equals_uninterrupted_run(tmp_path, capsys):
+    """2 steps per epoch, 2 epochs; the script killed after step 3 (mid epoch 2, last checkpoint
+    at step 3), resumed with --resume: the final weights equal the uninterrupted run's."""
     common_args = [*TINY, "--views", "2", "--subset", "16", "--batch-size", "8", "--epochs", "2", "--save-every", "1"]
-    _run([*common_args, "--out", str(tmp_path / "full")])
     crashed = _run([*common_args, "--out", str(tmp_path / "res")], env={"EFFSSL_CRASH_AT_STEP": "3"}, check=False)
     assert crashed.returncode == 137
     ck = torch.load(tmp_path / "res" / "checkpoint.pt", weights_only=True)
     assert (ck["step"], ck["epoch"]) == (3, 1)  # one step into epoch 2
-    r = _run([*common_args, "--out", str(tmp_path / "res"), "--resume"])
-    assert "resumed" in r.stdout
+    ma.main([*common_args, "--out", str(tmp_path / "res"), "--resume"])
+    assert "resumed" in capsys.readouterr().out
+    ma.main([*common_args, "--out", str(tmp_path / "full")])
     full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
     res = torch.load(tmp_path / "res" / "checkpoint.pt", weights_only=True)
     assert full["step"] == res["step"] == 4
@@ -303,7 +305,7 @@ def test_short_run_beats_random_init_under_the_same_central_knn_probe(tmp_path):
     train, rnd = _finish(train), _finish(rnd)
     assert train.returncode == 0, train.stderr[-2000:]
     assert rnd.returncode == 0, rnd.stderr[-2000:]
-    _run(["--ckpt", str(tmp_path / "run" / "checkpoint.pt"), *PROBE, "--out", str(tmp_path / "trained")],
-         script="eval_linear.py")
+    import eval_linear
+    eval_linear.main(["--ckpt", str(tmp_path / "run" / "checkpoint.pt"), *PROBE, "--out", str(tmp_path / "trained")])
     acc = {k: json.loads((tmp_path / k / "eval.json").read_text())["knn"]["k20"] for k in ("trained", "random")}
     assert acc["trained"] > acc["random"] + MARGIN, acc
