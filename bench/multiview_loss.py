@@ -5,7 +5,7 @@ view pairs, the straightforward extension of Barlow Twins / VICReg, costs O(M^2)
 embeddings (B = 256 images, pdim 256) this times forward + backward of both, side by side in one
 run, for M = 2, 4, 8, 16, and prints each as a ratio to its own M = 2 time.
 
-    python bench/multiview_loss.py [--batch 256] [--pdim 256] [--repeats 5] [--device cpu|cuda]
+    python bench/multiview_loss.py [--batch 256] [--pdim 256] [--repeats 5] [--threads 1] [--device cpu|cuda]
 """
 import argparse
 import os
@@ -68,10 +68,11 @@ def main():
     p.add_argument("--views", default="2,4,8,16")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1: on a shared machine, multi-threaded timings of these small "
+                        "matrix products stall on other processes)")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     views = [int(v) for v in args.views.split(",")]
     g = torch.Generator().manual_seed(0)
