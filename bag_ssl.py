@@ -311,6 +311,8 @@ def main(argv=None):
         model.train()
         batches = common.epoch_batches(train, B, epoch, args.seed, rank, world, step - epoch * spe, args.workers)
         for imgs, _, _ in batches:
+            if step >= last:  # a resumed run that already reached --max-steps
+                break
             lr = common.cosine_lr(step, total, args.lr, warmup)  # warm-up, then cosine to 0 (App. C)
             common.set_lr(optimizer, lr)
             x, _ = sample(imgs.to(device, non_blocking=True), args, gen)

@@ -202,6 +202,8 @@ def main(argv=None):
     for epoch in range(step // spe, args.epochs):
         model.train()
         for imgs, _, _ in common.epoch_batches(train, B, epoch, args.seed, rank, world, step - epoch * spe, args.workers):
+            if step >= last:  # a resumed run that already reached --max-steps
+                break
             lr = args.lr  # constant learning rate (App. D)
             x, _ = common.sample_views(imgs.to(device, non_blocking=True), M, args.out_size, tuple(args.scale),
                                        generator=gen)  # uint8 in, float in [0, 1] out

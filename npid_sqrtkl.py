@@ -247,6 +247,8 @@ def main(argv=None):
     for epoch in range(step // spe, args.epochs):
         model.train()
         for imgs, _, idx in common.epoch_batches(train, B, epoch, args.seed, rank, world, step - epoch * spe, args.workers):
+            if step >= last:  # a resumed run that already reached --max-steps
+                break
             lr = common.cosine_lr(step, total, args.lr)  # cosine decay (Sec. 4.1)
             common.set_lr(optimizer, lr)
             x, _ = common.sample_views(imgs.to(device, non_blocking=True), 1, args.out_size, scale=(0.2, 1.0), generator=gen)
