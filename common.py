@@ -174,9 +174,11 @@ def _folder_set(root, size, in_memory, workers):
 
 def synthetic_set(split, seed=0, n=None):
     """Procedural 32x32 images whose class is carried by local texture (orientation and period
-    of a grating, sign of the orientation random), under nuisance colour, brightness,
-    position (phase), a distractor blob and noise: patches co-occur within an image by texture,
-    so patch-based SSL can learn it, and a random network is not already good at it."""
+    of a grating, sign of the orientation random), under nuisance colour, contrast, position
+    (phase) and noise. The colour is a smooth random field (4 x 4 random control colours,
+    bicubic), so it differs between two patches of one image: patches co-occur within an image
+    by texture, not by one shared colour, and an SSL objective cannot match two views by colour
+    alone. A random network is dominated by the colour and is not already good at the task."""
     n = n or (10000 if split == "train" else 2000)
     g = torch.Generator().manual_seed(seed * 7919 + (0 if split == "train" else 1))
     labels = torch.arange(n) % 10
@@ -189,14 +191,9 @@ def synthetic_set(split, seed=0, n=None):
     u = xx[None] * torch.cos(theta)[:, None, None] + yy[None] * torch.sin(theta)[:, None, None]
     tex = torch.sin(2 * math.pi * u / period[:, None, None] + phase[:, None, None])  # [n,32,32]
     amp = 0.15 + 0.2 * torch.rand(n, 1, 1, 1, generator=g)
-    base = 0.2 + 0.6 * torch.rand(n, 3, 1, 1, generator=g)  # nuisance colour
-    tint = 0.3 + 0.7 * torch.rand(n, 3, 1, 1, generator=g)
-    img = base + amp * tint * tex[:, None]
-    # a smooth distractor blob of random colour at a random place
-    cy, cx = torch.rand(n, 2, generator=g).mul(32).unbind(1)
-    blob = torch.exp(-((yy[None] - cy[:, None, None]) ** 2 + (xx[None] - cx[:, None, None]) ** 2) / 40.0)
-    img = img + (torch.rand(n, 3, 1, 1, generator=g) - 0.5) * 0.8 * blob[:, None]
-    img = img + 0.08 * torch.randn(n, 3, 32, 32, generator=g)
+    ctrl = 0.15 + 0.7 * torch.rand(n, 3, 4, 4, generator=g)  # nuisance colour field
+    base = torch.nn.functional.interpolate(ctrl, size=(32, 32), mode="bicubic", align_corners=True)
+    img = base + amp * tex[:, None] + 0.05 * torch.randn(n, 3, 32, 32, generator=g)
     images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
     return ImageSet(labels, 10, 32, images=images)
 

@@ -312,21 +312,41 @@ def test_bad_patch_size_exits_2_with_one_line(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_short_tcr_run_beats_random_init_under_the_bag_knn_probe(tmp_path):
-    """SPEC 4: on synthetic, one short epoch (30 steps of 32 images, the whole warm-up + cosine
-    schedule) lifts the 4-patch bag k-NN accuracy above a random ResNet-18's. Measured on 3 seeds:
-    30 / 35 / 40 % against 20 % for the random init. (In 30 steps only TCR clears the floor on
-    this fixture; vicreg, simclr and byol runs are checked for running and checkpointing.)"""
+# Per loss: (epochs of 30 steps of 32 images, extra flags). Measured on the smooth-colour-field
+# synthetic set, 4-patch bag k20 (600 / 300 probe images), seed 0, random ResNet-18 at 40.0:
+# tcr 1 epoch 74.7 / 70.7 (1 / 2 threads); simclr 1 epoch 81.7 / 88.0; vicreg at the paper's
+# lr 0.3: 1 epoch 46.7 (seed 1: 65.7), 2 epochs 90.0 with 1 thread but 11.3 (collapsed) with 2, and
+# at lr 0.1, 2 epochs, 2 threads: 70.7 / 66.7 (seeds 0 / 1); byol 1 epoch 20.7, 3 epochs 28.3, 3
+# epochs with tau_base 0.9 54.7. lr 0.3 is the paper's for batch 1024: the norm and bias
+# parameters, outside LARS's trust ratio, take plain SGD steps at that lr, which a batch of 32
+# does not stand reliably. BYOL's target starts as the random network and, at tau_base 0.99 over
+# a 90-step cosine, barely moves from it: a short run needs the faster EMA (0.9).
+LEARN = {"tcr": (1, []), "simclr": (1, []), "vicreg": (2, ["--lr", "0.1"]), "byol": (3, ["--tau-base", "0.9"])}
+BAG_PROBE = ["--dataset", "synthetic", "--probe", "knn", "--knn-k", "20", "--subset", "600", "--test-subset", "300",
+             "--mode", "bag", "--patches", "4", "--patch-size", "14", "--out-size", "16", "--arch", "resnet18"]
+
+
+@pytest.fixture(scope="module")
+def random_bag_knn(tmp_path_factory):
+    out = tmp_path_factory.mktemp("random")
+    r = run(["eval_linear.py", "--ckpt", "random", "--out", str(out), *BAG_PROBE])
+    assert r.returncode == 0, r.stderr
+    return json.load(open(out / "eval.json"))["knn"]["k20"]
+
+
+@pytest.mark.parametrize("loss", list(LEARN))
+def test_short_run_beats_random_init_under_the_bag_knn_probe(tmp_path, loss, random_bag_knn):
+    """SPEC 4: on synthetic, a short run of every loss (30 steps of 32 images an epoch, the
+    whole warm-up + cosine schedule) lifts the 4-patch bag k-NN accuracy above a random
+    ResNet-18's under the same probe."""
+    epochs, extra = LEARN[loss]
     run_dir = tmp_path / "run"
-    r = run(["bag_ssl.py", *TINY, "--loss", "tcr", "--subset", "960", "--batch-size", "32", "--out", str(run_dir)])
+    r = run(["bag_ssl.py", *TINY, "--loss", loss, "--subset", "960", "--batch-size", "32", "--epochs", str(epochs),
+             "--out", str(run_dir), *extra])
     assert r.returncode == 0, r.stderr
     ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert ck["step"] == 30 and ck["args"]["patch_size"] == 14
-    probe = ["--dataset", "synthetic", "--probe", "knn", "--knn-k", "20", "--subset", "600", "--test-subset", "300",
-             "--mode", "bag", "--patches", "4", "--patch-size", "14", "--out-size", "16"]
-    acc = {}
-    for name, path in (("trained", str(run_dir / "checkpoint.pt")), ("random", "random")):
-        r = run(["eval_linear.py", "--ckpt", path, "--arch", "resnet18", "--out", str(tmp_path / name), *probe])
-        assert r.returncode == 0, r.stderr
-        acc[name] = json.load(open(tmp_path / name / "eval.json"))["knn"]["k20"]
-    assert acc["trained"] > acc["random"] + 5, acc
+    assert ck["step"] == 30 * epochs and ck["args"]["patch_size"] == 14
+    r = run(["eval_linear.py", "--ckpt", str(run_dir / "checkpoint.pt"), "--out", str(tmp_path / "trained"), *BAG_PROBE])
+    assert r.returncode == 0, r.stderr
+    acc = json.load(open(tmp_path / "trained" / "eval.json"))["knn"]["k20"]
+    assert acc > random_bag_knn + 5, (acc, random_bag_knn)
