@@ -34,6 +34,10 @@ RECIPES = {
     # BagSSL, VICReg loss, ResNet-18, LARS; 2 fixed-scale patches 14 px -> 32, batch 64
     "bag_ssl": (["--loss", "vicreg", "--arch", "resnet18", "--batch-size", "64", "--epochs", "2",
                  "--max-steps", "200", "--warmup-epochs", "0"], (14, 32)),
+    # the same with the paper's lr linearly scaled to this batch (0.3 x 64 / 1024): the norm and bias
+    # parameters take plain SGD steps at lr outside LARS's trust ratio (results/learn_cpu.md)
+    "bag_ssl_lr_scaled": (["--loss", "vicreg", "--arch", "resnet18", "--batch-size", "64", "--epochs", "2",
+                           "--max-steps", "200", "--warmup-epochs", "0", "--lr", "0.01875"], (14, 32)),
     # Barlow Twins with 4 views, pdim 256, ResNet-18, Adam; batch 32 (4 x 32 = 128 views a step)
     "multiaug_ssl": (["--loss", "barlow", "--views", "4", "--pdim", "256", "--arch", "resnet18",
                       "--batch-size", "32", "--epochs", "1", "--max-steps", "200"], (16, 32)),
@@ -43,10 +47,13 @@ RECIPES = {
     "npid_plain": (["--arch", "resnet18", "--batch-size", "128", "--epochs", "3", "--max-steps", "200",
                     "--no-calibrate", "--no-grad-update", "--lam", "0"], (16, 32)),
 }
-SCRIPT = {"npid_plain": "npid_sqrtkl"}
+SCRIPT = {"npid_plain": "npid_sqrtkl", "bag_ssl_lr_scaled": "bag_ssl"}
 
 
 def probe(ckpt, data, patch, size, out, arch="resnet18"):
+    if ckpt == "random" and os.path.exists(os.path.join(out, "eval.json")):  # seeded: the same network
+        with open(os.path.join(out, "eval.json")) as f:
+            return json.load(f)["knn"]["k20"]
     cmd = [sys.executable, os.path.join(ROOT, "eval_linear.py"), "--ckpt", ckpt, "--dataset", "cifar10",
            "--data-dir", data, "--mode", "bag", "--patches", "8", "--patch-size", str(patch), "--out-size", str(size),
            "--probe", "knn", "--knn-k", "20", "--subset", "2000", "--test-subset", "1000", "--out", out,

@@ -317,7 +317,7 @@ def test_bad_patch_size_exits_2_with_one_line(tmp_path):
 # tcr 1 epoch 74.7 / 70.7 (1 / 2 threads); simclr 1 epoch 81.7 / 88.0; vicreg at the paper's
 # lr 0.3: 1 epoch 46.7 (seed 1: 65.7), 2 epochs 90.0 with 1 thread but 11.3 (collapsed) with 2, and
 # at lr 0.1, 2 epochs, 2 threads: 70.7 / 66.7 (seeds 0 / 1); byol 1 epoch 20.7, 3 epochs 28.3, 3
-# epochs with tau_base 0.9 54.7. lr 0.3 is the paper's for batch 1024: the norm and bias
+# epochs with tau_base 0.9 54.7 / 66.0. lr 0.3 is the paper's for batch 1024: the norm and bias
 # parameters, outside LARS's trust ratio, take plain SGD steps at that lr, which a batch of 32
 # does not stand reliably. BYOL's target starts as the random network and, at tau_base 0.99 over
 # a 90-step cosine, barely moves from it: a short run needs the faster EMA (0.9).
