@@ -192,7 +192,7 @@ def synthetic_set(split, seed=0, n=None):
     tex = torch.sin(2 * math.pi * u / period[:, None, None] + phase[:, None, None])  # [n,32,32]
     amp = 0.15 + 0.2 * torch.rand(n, 1, 1, 1, generator=g)
     ctrl = 0.15 + 0.7 * torch.rand(n, 3, 4, 4, generator=g)  # nuisance colour field
-    base = torch.nn.functional.interpolate(ctrl, size=(32, 32), mode="bicubic", align_corners=True)
+    base = F.interpolate(ctrl, size=(32, 32), mode="bicubic", align_corners=True)
     img = base + amp * tex[:, None] + 0.05 * torch.randn(n, 3, 32, 32, generator=g)
     images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
     return ImageSet(labels, 10, 32, images=images)

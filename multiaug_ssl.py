@@ -43,8 +43,7 @@ def parse_args(argv=None):
     a("--out-size", type=int, default=None, help="side the random resized crops are resized to (default: the image side)")
     a("--scale", type=float, nargs=2, default=(0.08, 1.0), help="random resized crop area range (authors' CIFAR pipeline)")
     a("--p-gray", type=float, default=0.2,
-      help="grayscale probability (authors' CIFAR pipeline: 0.2; not in the paper). With no hue jitter, a data set "
-           "whose colour is class-free nuisance (synthetic) is learnt by its colour first: raise it there")
+      help="grayscale probability of each view (authors' CIFAR pipeline: 0.2; not in the paper)")
     return p.parse_args(argv)
 
 
