@@ -45,7 +45,7 @@ RECIPES = {
 }
 # Feature Calibrate + Grad Update without SqrtKL (Table 6's row with --lam 0): on synthetic, lambda = 20
 # keeps short runs from learning (tests/test_npid_sqrtkl.py); this row shows the same budget without it
-RECIPES["npid_no_sqrtkl"] = (RECIPES["npid_plain"][0][:8] + ["--lam", "0"], (16, 32))
+RECIPES["npid_no_sqrtkl"] = (RECIPES["npid_sqrtkl"][0] + ["--lam", "0"], RECIPES["npid_sqrtkl"][1])
 # bag_ssl with the paper's lr (batch 1024) scaled linearly to this batch, 0.3 x 64 / 1024: the norm and
 # bias parameters take plain SGD steps at lr, outside LARS's trust ratio (results/learn_cpu.md)
 RECIPES["bag_ssl_lr_scaled"] = (RECIPES["bag_ssl"][0] + ["--lr", "0.01875"], RECIPES["bag_ssl"][1])
