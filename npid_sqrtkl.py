@@ -185,8 +185,8 @@ def calibrate(model, train, out_size, mean, std, device, chunk=512, workers=0):
     model.train()
     bank = torch.zeros(n, model.projector[-1].out_features, device=device)
     for b in range(rank, blocks, world):
-        idx = torch.arange(bounds[b], bounds[b + 1])
-        bank[idx.to(device)] = model(whole_view(train.get(idx, workers).to(device), out_size, mean, std)).float()
+        imgs = train.get(torch.arange(bounds[b], bounds[b + 1]), workers).to(device)
+        bank[bounds[b]:bounds[b + 1]] = model(whole_view(imgs, out_size, mean, std)).float()
     for k, v in model.named_buffers():
         v.copy_(buffers[k])
     model.train(was_training)
