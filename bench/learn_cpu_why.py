@@ -93,8 +93,12 @@ def main():
     if not os.path.isdir(data):
         common.fail(f"CIFAR-10 ImageFolder tree '{data}' not found: set EFFSSL_CIFAR10")
     torch.set_num_threads(os.cpu_count() or 1)
-    for what in args.what.split(","):
-        {"colour": lambda: colour(data, args.out), "npid": lambda: npid(data)}[what]()
+    parts = {"colour": lambda: colour(data, args.out), "npid": lambda: npid(data)}
+    what = args.what.split(",")
+    if set(what) - set(parts):
+        common.fail(f"--what takes colour and/or npid, not '{args.what}'")
+    for w in what:
+        parts[w]()
 
 
 if __name__ == "__main__":
