@@ -2,7 +2,7 @@
 
 colour: how much of a random network's k-NN comes from colour? The random-init ResNet-18 under
 learn_cpu's probe (k-NN k = 20 on 8-patch bags of 16 -> 32 px, 2,000 / 1,000 images) on the
-images and on the same images in grey (ITU-R 601 weights, 3 equal channels), and a k-NN on raw
+images and on the same images in grey (common.grayscale, 3 equal channels), and a k-NN on raw
 8 x 8 thumbnails (mean-centred, cosine) in colour and in grey.
 
 npid: at step 0 of npid_sqrtkl (Feature Calibrate bank of the 10,000 images), the per-sample
@@ -26,35 +26,35 @@ import npid_sqrtkl  # noqa: E402
 
 
 def grey(ds):
-    x = ds.images.float()
-    g = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).round().clamp(0, 255).to(torch.uint8)
-    return common.ImageSet(ds.labels, ds.num_classes, ds.size, g[:, None].expand(-1, 3, -1, -1).contiguous())
+    """The same ImageSet in grey: common.grayscale (the augmentation's weights), 3 equal uint8 channels."""
+    g = common.grayscale(ds.images.float()).round().clamp(0, 255).to(torch.uint8)
+    return common.ImageSet(ds.labels, ds.num_classes, ds.size, g.expand(-1, 3, -1, -1).contiguous())
 
 
-def thumb_knn(data, to_grey):
-    tr, te = (common.load_dataset("cifar10", data, s) for s in ("train", "test"))
-    tr = tr.subset(common.subset_indices(len(tr), 2000, seed=1))  # eval_linear's --subset / --test-subset
-    te = te.subset(common.subset_indices(len(te), 1000, seed=2))
-
+def thumb_knn(tr, te):
     def f(ds):
-        x = F.adaptive_avg_pool2d((grey(ds) if to_grey else ds).images.float() / 255, 8).flatten(1)
+        x = F.adaptive_avg_pool2d(ds.images.float() / 255, 8).flatten(1)
         return F.normalize(x - x.mean(1, keepdim=True), dim=1)
-    pred = common.knn_predict(f(tr), tr.labels, f(te), 10, k=20, t=0.07)
+    pred = common.knn_predict(f(tr), tr.labels, f(te), tr.num_classes, k=20, t=0.07)
     return (pred == te.labels).float().mean().item() * 100
 
 
 def colour(data, out):
-    for to_grey in (False, True):
-        print(f"8 x 8 thumbnail k-NN, {'grey' if to_grey else 'colour'}: {thumb_knn(data, to_grey):.2f}", flush=True)
+    tr, te = (common.load_dataset("cifar10", data, s) for s in ("train", "test"))
+    tr = tr.subset(common.subset_indices(len(tr), 2000, seed=1))  # eval_linear's --subset / --test-subset
+    te = te.subset(common.subset_indices(len(te), 1000, seed=2))
+    print(f"8 x 8 thumbnail k-NN, colour: {thumb_knn(tr, te):.2f}, grey: {thumb_knn(grey(tr), grey(te)):.2f}", flush=True)
     load = common.load_dataset
     for to_grey in (False, True):
         common.load_dataset = (lambda *a, **k: grey(load(*a, **k))) if to_grey else load
-        r = eval_linear.main(["--ckpt", "random", "--dataset", "cifar10", "--data-dir", data, "--mode", "bag",
-                              "--patches", "8", "--patch-size", "16", "--out-size", "32", "--probe", "knn",
-                              "--knn-k", "20", "--subset", "2000", "--test-subset", "1000", "--workers", "2",
-                              "--out", os.path.join(out, "grey" if to_grey else "colour")])
+        try:
+            r = eval_linear.main(["--ckpt", "random", "--dataset", "cifar10", "--data-dir", data, "--mode", "bag",
+                                  "--patches", "8", "--patch-size", "16", "--out-size", "32", "--probe", "knn",
+                                  "--knn-k", "20", "--subset", "2000", "--test-subset", "1000", "--workers", "2",
+                                  "--out", os.path.join(out, "grey" if to_grey else "colour")])
+        finally:
+            common.load_dataset = load
         print(f"random ResNet-18, 8-patch bag k-NN, {'grey' if to_grey else 'colour'}: {r['knn']['k20']:.2f}", flush=True)
-    common.load_dataset = load
 
 
 def npid(data, n=10000, lam=20.0):
@@ -92,7 +92,6 @@ def main():
     data = os.environ.get("EFFSSL_CIFAR10", os.path.join(ROOT, "cache", "cifar10"))
     if not os.path.isdir(data):
         common.fail(f"CIFAR-10 ImageFolder tree '{data}' not found: set EFFSSL_CIFAR10")
-    torch.set_num_threads(os.cpu_count() or 1)
     parts = {"colour": lambda: colour(data, args.out), "npid": lambda: npid(data)}
     what = args.what.split(",")
     if set(what) - set(parts):
