@@ -292,9 +292,10 @@ def main(argv=None):
     n, B = args.patches, args.batch_size
     spe = common.steps_per_epoch(len(train), B)
     total = spe * args.epochs
-    warmup = min(args.warmup_epochs * spe, total // 2)  # App. C: 10 epochs; a smoke run keeps a decay
+    horizon = spe * (args.schedule_epochs or args.epochs)  # the schedule's length (--schedule-epochs)
+    warmup = min(args.warmup_epochs * spe, horizon // 2)  # App. C: 10 epochs; a smoke run keeps a decay
     last = min(total, args.max_steps or total)
-    log = common.Logger(args, total, step)
+    log = common.Logger(args, total, step, last)
     test = common.load_dataset(args.dataset, args.data_dir, "test", args.image_size, args.workers, seed=args.seed) \
         if args.eval_every else None
     boxes = common.fixed_patch_boxes(16, args.patch_size, train.size) if not args.multiscale else None
@@ -313,7 +314,7 @@ def main(argv=None):
         for imgs, _, _ in batches:
             if step >= last:  # a resumed run that already reached --max-steps
                 break
-            lr = common.cosine_lr(step, total, args.lr, warmup)  # warm-up, then cosine to 0 (App. C)
+            lr = common.cosine_lr(step, horizon, args.lr, warmup)  # warm-up, then cosine to 0 (App. C)
             common.set_lr(optimizer, lr)
             x, _ = sample(imgs.to(device, non_blocking=True), args, gen)
             x = augment_views(x, n, augs, gen)
@@ -330,7 +331,7 @@ def main(argv=None):
             loss.backward()
             optimizer.step()
             if target is not None:
-                terms["tau"] = byol_tau(step, total, args.tau_base)
+                terms["tau"] = byol_tau(step, horizon, args.tau_base)
                 ema_update(target, model, terms["tau"])
             step += 1
             log.step(epoch, step, {k: (v.detach() if torch.is_tensor(v) else v) for k, v in terms.items()},
@@ -351,6 +352,7 @@ def main(argv=None):
                 torch.distributed.barrier()
         if step >= last:
             break
+    log.finish(step)
     if world > 1:
         torch.distributed.destroy_process_group()
 

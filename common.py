@@ -36,15 +36,36 @@ def fail(msg):
     raise UserError(msg)
 
 
+# where a training run stands, for the Ctrl-C line: the last finished step and the last checkpoint
+PROGRESS = {"step": None, "saved": None}
+
+
 def run_cli(main):
-    """Call main(); a UserError becomes 'error: ...' on stderr and exit code 2."""
+    """Call main(); a UserError becomes 'error: ...' on stderr and exit code 2, Ctrl-C one line
+    saying where the run stopped and exit code 130."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        _close_group()
         sys.exit(2)
+    except KeyboardInterrupt:
+        step, saved = PROGRESS["step"], PROGRESS["saved"]
+        if step is None:
+            print("interrupted before the first step", file=sys.stderr, flush=True)
+        else:
+            ckpt = f"last checkpoint at step {saved}: rerun with --resume" if saved is not None else "no checkpoint yet"
+            print(f"interrupted at step {step}, {ckpt}", file=sys.stderr, flush=True)
+        _close_group()
+        sys.exit(130)
+
+
+def _close_group():
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a peer already gone: nothing left to close
+            pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +125,8 @@ class ImageSet:
 
 def _decode(path, size):
     """Decode one image file to uint8 [3,size,size]: resize the short side (size*8/7 for large
-    images, i.e. 256 for 224, as the ImageNet protocol), then centre crop."""
+    images, i.e. 256 for 224, as the ImageNet protocol), then centre crop; size None keeps the
+    full resolution. An unreadable file is reported once and replaced by a grey image."""
     import warnings
     from torchvision.io import ImageReadMode, decode_image, read_file
     try:
@@ -113,8 +135,14 @@ def _decode(path, size):
             img = decode_image(read_file(path), mode=ImageReadMode.RGB)
     except Exception:  # formats torchvision.io cannot read: fall back to PIL
         from PIL import Image
-        with Image.open(path) as im:
-            img = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+        try:
+            with Image.open(path) as im:
+                img = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+        except Exception as e:  # a truncated or corrupt file must not kill a days-long run
+            _report_bad_file(path, e)
+            return torch.full((3, size or 256, size or 256), 128, dtype=torch.uint8)
+    if size is None:
+        return img
     h, w = img.shape[-2:]
     if (h, w) != (size, size):
         short = size if size <= 96 else round(size * 8 / 7)
@@ -123,8 +151,20 @@ def _decode(path, size):
     return img
 
 
+_BAD_FILES = set()  # per process (each DataLoader worker has its own): one warning per file
+
+
+def _report_bad_file(path, err):
+    """One stderr line per unreadable file and process; the run goes on with a grey image."""
+    if path in _BAD_FILES:
+        return
+    _BAD_FILES.add(path)
+    why = " ".join(f"{err.__class__.__name__}: {err}".split())[:200]  # one line, whatever the message
+    print(f"warning: cannot decode {path} ({why}); using a grey image instead", file=sys.stderr, flush=True)
+
+
 def load_files(files, size, workers=0):
-    """Decode a list of image files to one uint8 tensor [N,3,size,size]."""
+    """Decode a list of image files to one uint8 tensor [N,3,size,size] (unreadable files grey)."""
     if workers > 0 and len(files) > 256:
         from concurrent.futures import ThreadPoolExecutor  # torchvision.io releases the GIL
         with ThreadPoolExecutor(workers) as pool:
@@ -167,8 +207,8 @@ def _folder_set(root, size, in_memory, workers):
     try:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         atomic_save({"n": len(files), "labels": labels, "images": images}, cache)
-    except OSError:
-        pass  # a read-only cache only costs the decode next time
+    except (OSError, UserError):
+        pass  # a read-only or full cache only costs the decode next time
     return ImageSet(labels, len(classes), size, images=images)
 
 
@@ -282,12 +322,15 @@ def steps_per_epoch(n, batch_size):
     return n // batch_size
 
 
-def epoch_batches(ds, batch_size, epoch, seed, rank=0, world=1, start=0, workers=0):
+def epoch_batches(ds, batch_size, epoch, seed, rank=0, world=1, start=0, workers=0, views=None):
     """Yield (uint8 images, labels, indices) of this rank's slice of each global batch.
 
     The order is a permutation seeded by (seed, epoch), the same on every rank; rank r takes the
     r-th slice of every global batch, so the ranks together see exactly the batches a single
-    process would. `start` skips the first batches (resume mid-epoch)."""
+    process would. `start` skips the first batches (resume mid-epoch). `views(files, generator)`
+    (file data sets only, a picklable function) replaces the decode in the workers, e.g. crops of
+    the full-resolution images; its generator is seeded by (seed, epoch, step, rank), so the crops
+    depend neither on the number of workers nor on a resume."""
     g = torch.Generator().manual_seed(seed * 100003 + epoch)
     perm = torch.randperm(len(ds), generator=g)
     local = batch_size // world
@@ -297,8 +340,11 @@ def epoch_batches(ds, batch_size, epoch, seed, rank=0, world=1, start=0, workers
         for idx in chunks:
             yield ds.images[idx], ds.labels[idx], idx
         return
-    loader = torch.utils.data.DataLoader(_FileBatches(ds, chunks), batch_size=None, num_workers=workers,
-                                         pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
+    seeds = [(seed, epoch, s, rank) for s in range(start, steps)]
+    # a views batch is n times larger (200 x 224 px patches of 25 images: 750 MB): prefetch less
+    prefetch = (2 if views is not None else 4) if workers else None
+    loader = torch.utils.data.DataLoader(_FileBatches(ds, chunks, views, seeds), batch_size=None, num_workers=workers,
+                                         pin_memory=torch.cuda.is_available(), prefetch_factor=prefetch,
                                          persistent_workers=False)
     for (imgs, idx) in loader:
         yield imgs, ds.labels[idx], idx
@@ -307,14 +353,37 @@ def epoch_batches(ds, batch_size, epoch, seed, rank=0, world=1, start=0, workers
 class _FileBatches(torch.utils.data.Dataset):
     """Decode one precomputed batch of files per item (DataLoader workers do the decoding)."""
 
-    def __init__(self, ds, chunks):
-        self.ds, self.chunks = ds, chunks
+    def __init__(self, ds, chunks, views=None, seeds=None):
+        self.ds, self.chunks, self.views, self.seeds = ds, chunks, views, seeds
 
     def __len__(self):
         return len(self.chunks)
 
     def __getitem__(self, i):
-        return load_files([self.ds.files[j] for j in self.chunks[i].tolist()], self.ds.size), self.chunks[i]
+        files = [self.ds.files[j] for j in self.chunks[i].tolist()]
+        if self.views is None:
+            return load_files(files, self.ds.size), self.chunks[i]
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence(self.seeds[i]).generate_state(1)[0]))
+        return self.views(files, g), self.chunks[i]
+
+
+def rrc_views(img, n, out_size, scale, ratio, generator=None):
+    """n RandomResizedCrop(out_size, scale, ratio) views of one uint8 image [3,H,W], bicubic and
+    antialiased as torchvision's transform: (uint8 [n,3,out,out], boxes [n,4] top-left-h-w)."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2.functional import resized_crop
+    boxes = random_resized_boxes(n, img.shape[-2], img.shape[-1], scale, ratio, generator)
+    out = [resized_crop(img, *b.tolist(), [out_size, out_size], interpolation=InterpolationMode.BICUBIC,
+                        antialias=True) for b in boxes]
+    return torch.stack(out), boxes
+
+
+def rrc_file_views(files, generator, n, out_size, scale=(0.25, 0.25), ratio=(3 / 4, 4 / 3)):
+    """epoch_batches `views`: n RandomResizedCrop views of each full-resolution image file, view-major
+    uint8 [n*b,3,out,out] (row i*b + j is view i of image j), as sample_patches orders patches.
+    Defaults: the EMP-SSL authors' ImageNet crop (Tong, Chen, Ma, LeCun 2023, arXiv:2304.03977)."""
+    per_image = [rrc_views(_decode(f, None), n, out_size, scale, ratio, generator)[0] for f in files]
+    return torch.stack(per_image, 1).flatten(0, 1)
 
 
 def build_in100(imagenet, out):
@@ -538,9 +607,13 @@ def draw_aug_params(n, cfg, generator=None, device="cpu"):
     }
 
 
-def blur_kernel_size(size):
-    """Odd kernel of about 10% of the image side (23 px at 224, as VICReg; 3 px at 32)."""
-    return max(3, int(0.1 * size) // 2 * 2 + 1)
+def blur_kernel_size(sigma, size):
+    """Odd Gaussian kernel covering +-ceil(3 sigma) px (99.7 % of the mass), 2 ceil(3 sigma) + 1
+    taps, for the largest sigma of the samples blurred together; capped at the largest odd number
+    <= the image side (reflect padding needs pad < side). A fixed ~10 % of the side (VICReg's 23 px
+    at 224) gives 3 taps at 32 px, which blurs sigma 2 like sigma 0.8."""
+    k = 2 * math.ceil(3 * float(sigma)) + 1
+    return max(1, min(k, size - 1 + size % 2))
 
 
 def apply_augment(x, p):
@@ -558,7 +631,8 @@ def apply_augment(x, p):
         x.index_copy_(0, idx, grayscale(x[idx]).expand(-1, 3, -1, -1))
     idx = p["blur"].nonzero().squeeze(1)
     if idx.numel():
-        x.index_copy_(0, idx, gaussian_blur(x[idx], p["sigma"][idx], blur_kernel_size(x.shape[-1])))
+        sigma = p["sigma"][idx]  # one kernel size, from the largest sigma, serves the whole batch
+        x.index_copy_(0, idx, gaussian_blur(x[idx], sigma, blur_kernel_size(sigma.max().item(), x.shape[-1])))
     idx = p["solarize"].nonzero().squeeze(1)
     if idx.numel():
         x.index_copy_(0, idx, solarize(x[idx]))
@@ -622,12 +696,15 @@ def forward_checkpointed(backbone, x):
 
 
 def projector(in_dim, spec, bias=True):
-    """Linear-BN-ReLU blocks then a Linear, dims from a string like '4096-512'."""
+    """Linear-BN-ReLU blocks then a Linear, dims from a string like '4096-512'. bias: one bool
+    for every Linear, or a pair (hidden, last): the Linears before a BatchNorm, the last Linear
+    (a checkpoint's args["proj_bias"] may hold either, as a list after JSON)."""
+    hidden_bias, last_bias = (bool(b) for b in bias) if isinstance(bias, (list, tuple)) else (bool(bias),) * 2
     dims = [in_dim] + [int(d) for d in spec.split("-")]
     layers = []
     for a, b in zip(dims[:-2], dims[1:-1]):
-        layers += [nn.Linear(a, b, bias=bias), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
-    layers.append(nn.Linear(dims[-2], dims[-1], bias=bias))
+        layers += [nn.Linear(a, b, bias=hidden_bias), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(dims[-2], dims[-1], bias=last_bias))
     return nn.Sequential(*layers)
 
 
@@ -765,10 +842,28 @@ def wrap_ddp(model, device, sync_bn=True):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then os.replace: never a half-written file."""
+    """torch.save to a temporary file, then os.replace: never a half-written file. A failed
+    write (full disk, no permission) or Ctrl-C removes the temporary file, keeps the old one and,
+    for a failed write, is a user error."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        _remove(tmp)
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:120]
+        kept = "; the previous file is kept" if os.path.exists(path) else ""
+        fail(f"cannot write {path} ({reason}){kept}")
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def load_checkpoint(path, method=None):
@@ -826,24 +921,42 @@ def crash_for_test(step):
 # ---------------------------------------------------------------------------------------------
 
 
+class ArgParser(argparse.ArgumentParser):
+    """argparse that takes no abbreviated flags (--epoch is not --epochs) and reports a bad
+    command line as one 'error:' line, exit code 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def base_parser(description, **defaults):
-    """The flags every method script shares (SPEC 1.1); `defaults` gives the method's paper
-    values, e.g. base_parser(__doc__, epochs=10, batch_size=100, lr=0.3)."""
+    """The flags every method script shares; `defaults` gives the method's paper values, e.g.
+    base_parser(__doc__, epochs=10, batch_size=100, lr=0.3). Flags are never abbreviated."""
     d = dict(dataset="cifar10", epochs=10, batch_size=256, lr=0.1, weight_decay=1e-4, arch="resnet18")
     d.update(defaults)
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgParser(description=description)
     a = p.add_argument
-    a("--dataset", default=d["dataset"], choices=DATASETS, help="data set (SPEC 1.2)")
+    a("--dataset", default=d["dataset"], choices=DATASETS, help="data set (layouts: README 'Data layouts')")
     a("--data-dir", default=None, help="data root (default ./data/<dataset>)")
     a("--image-size", type=int, default=None, help="image side for --dataset folder")
     a("--download", action="store_true", help="let torchvision download CIFAR / STL-10 into --data-dir")
     a("--epochs", type=int, default=d["epochs"], help=d.get("epochs_help", "training epochs"))
+    a("--schedule-epochs", type=int, default=None,
+      help="length of the learning-rate schedule in epochs (default: --epochs); --epochs 1 --schedule-epochs 30 "
+           "runs the first epoch of a 30-epoch cosine")
     a("--batch-size", type=int, default=d["batch_size"], help=d.get("batch_help", "GLOBAL batch size (split over ranks)"))
     a("--lr", type=float, default=d["lr"], help=d.get("lr_help", "base learning rate"))
     a("--weight-decay", type=float, default=d["weight_decay"], help=d.get("wd_help", "weight decay"))
     a("--arch", default=d["arch"], choices=["resnet18", "resnet34", "resnet50"], help=d.get("arch_help", "backbone"))
-    a("--out", default=None, help="output directory (default runs/<method>-<dataset>-<time>)")
-    a("--resume", action="store_true", help="continue from <out>/checkpoint.pt when it exists")
+    a("--out", default=None, help="run folder, one run each (default runs/<method>-<dataset>-<time>)")
+    a("--resume", action="store_true",
+      help="continue the run in --out from its checkpoint.pt (starts fresh when there is none yet)")
     a("--seed", type=int, default=0)
     a("--workers", type=int, default=4, help="data loading workers (file-based data sets)")
     a("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="autocast on CUDA (the CPU runs float32)")
@@ -851,25 +964,68 @@ def base_parser(description, **defaults):
     a("--compile", action="store_true", help="torch.compile the backbone")
     a("--subset", type=int, default=None, help="train on the first N images of a fixed seeded permutation")
     a("--max-steps", type=int, default=None, help="stop after K optimizer steps (schedules still span the run)")
-    a("--log-every", type=int, default=20, help="progress line every K steps")
+    a("--log-every", type=int, default=20, help="progress line every K steps (and at the first and last)")
     a("--save-every", type=int, default=1000, help="checkpoint every K steps (and at every epoch end)")
     a("--eval-every", type=int, default=0, help="quick k-NN probe every E epochs and at the end (0 = off)")
     a("--no-sync-bn", action="store_true", help="keep per-rank BatchNorm under DDP on CUDA")
     return p
 
 
+# flags that change how a run is executed or reported, not what it computes: --resume may change them
+RUNTIME_FLAGS = {"out", "resume", "max_steps", "log_every", "save_every", "eval_every", "workers", "data_dir",
+                 "download", "amp", "channels_last", "compile", "no_sync_bn"}
+
+
 def resolve_common(args, method):
-    """Fill data-dependent defaults; check the batch splits over the ranks."""
+    """Fill data-dependent defaults, check the shared flags and the run folder (--out)."""
     args.method = method
     args.data_dir = args.data_dir or os.path.join("data", args.dataset)
     if args.out is None:
         args.out = os.path.join("runs", f"{method}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     ws = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.batch_size <= 0 or args.batch_size % ws:
+    if args.batch_size <= 0:
+        fail(f"--batch-size must be positive, not {args.batch_size}")
+    if args.batch_size % ws:
         fail(f"--batch-size {args.batch_size} does not split over {ws} ranks")
-    if args.epochs <= 0:
-        fail("--epochs must be positive")
+    positive = {"--epochs": args.epochs, "--lr": args.lr, "--log-every": args.log_every,
+                "--save-every": args.save_every, "--schedule-epochs": args.schedule_epochs,
+                "--max-steps": args.max_steps, "--subset": args.subset}
+    for flag, v in positive.items():
+        if v is not None and not v > 0:
+            fail(f"{flag} must be positive, not {v}")
+    for flag, v in {"--weight-decay": args.weight_decay, "--eval-every": args.eval_every, "--workers": args.workers}.items():
+        if not v >= 0:
+            fail(f"{flag} must not be negative, not {v}")
+    if args.schedule_epochs is not None and args.schedule_epochs < args.epochs:
+        fail(f"--schedule-epochs {args.schedule_epochs} is shorter than --epochs {args.epochs}")
+    check_run_folder(args)
     return args
+
+
+def check_run_folder(args):
+    """--out must be a folder this process can write, holding no other run unless --resume."""
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--out {out} is a file, not a folder")
+    if os.path.exists(os.path.join(out, "checkpoint.pt")) and not args.resume:
+        fail(f"{out} already holds a run (checkpoint.pt): pass --resume to continue it, or choose another --out")
+    if not is_main() or int(os.environ.get("RANK", "0")) != 0:
+        return
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        fail(f"cannot write to --out {out} ({e.strerror})")
+
+
+def recipe_changes(saved, args):
+    """Recipe flags whose value differs between a checkpoint's args and this command line."""
+    now = vars(args)
+    return sorted(k for k in saved if k in now and k not in RUNTIME_FLAGS and saved[k] != now[k]
+                  and not (isinstance(saved[k], (list, tuple)) and list(saved[k]) == list(now[k] or [])))
 
 
 def load_train_set(args):
@@ -900,17 +1056,30 @@ def check_finite(loss, step, out):
 
 
 class Logger:
-    """Rank-0 progress lines (loss terms, lr, patches/s, ETA), args.json and metrics.jsonl."""
+    """Rank-0 progress lines (loss terms, lr, patches/s, ETA to the step the run stops at),
+    args.json and metrics.jsonl (each step once, across resumes)."""
 
-    def __init__(self, args, total_steps, start_step=0):
+    def __init__(self, args, total_steps, start_step=0, last_step=None):
         self.out, self.total = args.out, total_steps
+        self.last = last_step or total_steps
         self.main = is_main()
         self.t0, self.s0, self.n = time.time(), start_step, 0
-        self.tl, self.sl = self.t0, start_step
-        if self.main:
-            os.makedirs(self.out, exist_ok=True)
+        self.tl = self.t0
+        PROGRESS["step"] = start_step
+        if not self.main:
+            return
+        os.makedirs(self.out, exist_ok=True)
+        metrics = os.path.join(self.out, "metrics.jsonl")
+        if start_step == 0:  # a fresh run: this folder's args and an empty log
             with open(os.path.join(self.out, "args.json"), "w") as f:
                 json.dump(vars(args), f, indent=1)
+            _remove(metrics)
+        elif os.path.exists(metrics):  # resumed: drop what was logged after the checkpoint
+            with open(metrics) as f:
+                keep = [line for line in f if _logged_step(line) <= start_step]
+            with open(metrics + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(metrics + ".tmp", metrics)
 
     def write(self, record):
         if self.main:
@@ -922,34 +1091,61 @@ class Logger:
 
     def step(self, epoch, step, terms, lr, patches, every):
         """Call after every optimizer step with the global patches of that step."""
+        PROGRESS["step"] = step
         self.n += patches
-        if not self.main or (step % every and step != self.total):
+        if not self.main or (step % every and step != self.last and step != self.s0 + 1):
             return
         now = time.time()
         rate = self.n / max(now - self.tl, 1e-9)
-        eta = (now - self.t0) / max(step - self.s0, 1) * (self.total - step)
+        eta = (now - self.t0) / max(step - self.s0, 1) * (self.last - step)
         terms = {k: float(v) for k, v in terms.items()}
         body = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
-        print(f"epoch {epoch} step {step}/{self.total} {body} lr {lr:.4g} patches/s {rate:.0f} "
+        print(f"epoch {epoch} step {step}/{self.last} {body} lr {lr:.4g} patches/s {rate:.0f} "
               f"eta {eta / 60:.1f} min", flush=True)
         self.write({"epoch": epoch, "step": step, **terms, "lr": lr, "patches_per_s": rate,
                     "elapsed_s": now - self.t0})
         self.tl, self.n = now, 0
 
+    def finish(self, step):
+        """The closing line: how many steps ran and where the checkpoint is."""
+        if self.main:
+            left = f" of {self.total}" if step < self.total else ""
+            print(f"done: ran steps {self.s0 + 1}-{step}{left} in {self.elapsed() / 60:.1f} min; "
+                  f"checkpoint {os.path.join(self.out, 'checkpoint.pt')} (step {step})", flush=True)
+
+
+def _logged_step(line):
+    """The step of one metrics.jsonl line; a torn last line (a killed run) counts as after any step."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return math.inf
+
 
 def open_run(args, generator, model, optimizer, method_state=None):
     """Resume from <out>/checkpoint.pt when --resume and it exists: load model, optimiser, RNG
-    and method state in place. Returns the global step to start from (0 for a fresh run)."""
+    and method state in place. Returns the global step to start from (0 for a fresh run).
+    A checkpoint of another recipe (changed flags) is a user error naming the flags."""
     path = os.path.join(args.out, "checkpoint.pt")
+    PROGRESS["saved"] = None
     if not (args.resume and os.path.exists(path)):
         return 0
     ckpt = load_checkpoint(path, args.method)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    changed = recipe_changes(ckpt.get("args", {}), args)
+    if changed:
+        was = ", ".join(f"--{k.replace('_', '-')} {ckpt['args'][k]} (now {getattr(args, k)})" for k in changed)
+        fail(f"--resume with other recipe flags than the run in {args.out}: {was}; "
+             f"use the run's flags or another --out")
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        fail(f"checkpoint '{path}' does not fit this model ({str(e).splitlines()[0][:100]})")
     set_rng_state(ckpt["rng"][min(dist.get_rank() if dist.is_initialized() else 0, len(ckpt["rng"]) - 1)], generator)
     if method_state is not None:
         for k, v in ckpt.get("state", {}).items():
             method_state[k] = v
+    PROGRESS["saved"] = ckpt["step"]
     if is_main():
         print(f"resumed from {path} at step {ckpt['step']}", flush=True)
     return ckpt["step"]
@@ -961,13 +1157,13 @@ def save_run(args, step, epoch, backbone, model, optimizer, generator, method_st
     if dist.is_initialized() and dist.get_world_size() > 1:
         states = [None] * dist.get_world_size()
         dist.all_gather_object(states, rng_state(generator))
-    if not is_main():
-        return
-    os.makedirs(args.out, exist_ok=True)
-    atomic_save({"method": args.method, "args": vars(args), "epoch": epoch, "step": step,
-                 "backbone": unwrap(backbone).state_dict(), "model": unwrap(model).state_dict(),
-                 "optimizer": optimizer.state_dict(), "rng": states, "state": method_state or {}},
-                os.path.join(args.out, "checkpoint.pt"))
+    if is_main():
+        os.makedirs(args.out, exist_ok=True)
+        atomic_save({"method": args.method, "args": vars(args), "epoch": epoch, "step": step,
+                     "backbone": unwrap(backbone).state_dict(), "model": unwrap(model).state_dict(),
+                     "optimizer": optimizer.state_dict(), "rng": states, "state": method_state or {}},
+                    os.path.join(args.out, "checkpoint.pt"))
+    PROGRESS["saved"] = step
 
 
 def unwrap(model):
@@ -992,10 +1188,12 @@ def fixed_patch_boxes(n, size, image_size, seed=0):
 @torch.no_grad()
 def bag_of_features(backbone, images, boxes, out_size, mean, std, chunk=2048, aug=None, generator=None):
     """Bag-of-features (EMP-SSL Sec. 2): mean of the backbone embeddings of the patches at
-    `boxes` of each uint8 image in `images` [B,3,H,W] (on the backbone's device)."""
+    `boxes` of each uint8 image in `images` [B,3,H,W] (on the backbone's device). boxes [n,4]
+    are the same n positions in every image; boxes [n,B,4] give each image its own."""
     b, n = images.shape[0], boxes.shape[0]
     x = images.float().div(255).repeat(n, 1, 1, 1)
-    bx = boxes.to(images.device).repeat_interleave(b, 0)  # view-major: patch i of every image
+    bx = boxes.to(images.device)  # view-major: patch i of every image
+    bx = bx.repeat_interleave(b, 0) if bx.dim() == 2 else bx.reshape(n * b, 4)
     feats = []
     for s in range(0, n * b, chunk):
         p = resized_crops(x[s:s + chunk], bx[s:s + chunk], out_size)
@@ -1039,17 +1237,79 @@ def quick_knn(features_fn, train_set, test_set, device, n_train=5000, n_test=100
     return (pred.cpu() == te.labels).float().mean().item() * 100
 
 
+# ---------------------------------------------------------------------------------------------
+# plots of metrics.jsonl (python common.py plot RUN [RUN ...])
+# ---------------------------------------------------------------------------------------------
+
+
+def read_metrics(run):
+    """(step records, k-NN records) of a run folder's metrics.jsonl."""
+    path = os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
+    if not os.path.isfile(path):
+        fail(f"no metrics.jsonl in {run}")
+    steps, evals = [], []
+    with open(path) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue  # a torn last line of a killed run
+            (evals if "knn_top1" in r else steps).append(r)
+    return steps, evals
+
+
+def plot_runs(runs, out):
+    """One PNG: every logged loss term against step, and the k-NN accuracy against step and
+    against minutes, the runs overlaid."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        fail("plot needs matplotlib, an optional dependency: pip install matplotlib")
+    data = {os.path.basename(os.path.normpath(r)) or r: read_metrics(r) for r in runs}
+    skip = {"epoch", "step", "lr", "patches_per_s", "elapsed_s"}
+    terms = sorted({k for s, _ in data.values() for r in s for k in r if k not in skip})
+    has_knn = any(e for _, e in data.values())
+    panels = [(t, "step") for t in terms] + ([("knn_top1", "step"), ("knn_top1", "minutes")] if has_knn else [])
+    if not panels:
+        fail("nothing to plot: the metrics hold no logged step")
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (key, x) in zip(axes.flat, panels):
+        for name, (steps, evals) in data.items():
+            recs = [r for r in (evals if key == "knn_top1" else steps) if key in r]
+            xs = [r["step"] if x == "step" else r.get("elapsed_s", 0) / 60 for r in recs]
+            ax.plot(xs, [r[key] for r in recs], marker="o" if key == "knn_top1" else None, ms=3, label=name)
+        ax.set_xlabel(x)
+        ax.set_title("k-NN top-1 (%)" if key == "knn_top1" else key)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 def main():
-    p = argparse.ArgumentParser(description="effssl helpers")
+    p = ArgParser(description="effssl helpers: build-in100, plot")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build-in100", help="ImageFolder tree of symlinks for ImageNet-100 (CMC classes)")
     b.add_argument("--imagenet", required=True, help="full ImageNet folder holding train/ and val/")
     b.add_argument("--out", required=True, help="where to create in100/{train,val}")
+    q = sub.add_parser("plot", help="loss terms and k-NN accuracy of run folders in one PNG (needs matplotlib)")
+    q.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files), overlaid")
+    q.add_argument("--out", default=None, help="PNG path (default: <first run>/plot.png)")
     args = p.parse_args()
     if args.cmd == "build-in100":
         if not os.path.isdir(args.imagenet):
             fail(f"ImageNet folder '{args.imagenet}' not found")
         build_in100(args.imagenet, args.out)
+    elif args.cmd == "plot":
+        first = args.runs[0] if os.path.isdir(args.runs[0]) else os.path.dirname(args.runs[0]) or "."
+        plot_runs(args.runs, args.out or os.path.join(first, "plot.png"))
 
 
 if __name__ == "__main__":

@@ -129,8 +129,9 @@ def main(argv=None):
     n, B = args.patches, args.batch_size
     spe = common.steps_per_epoch(len(train), B)
     total = spe * args.epochs
+    horizon = spe * (args.schedule_epochs or args.epochs)  # the schedule's length (--schedule-epochs)
     last = min(total, args.max_steps or total)
-    log = common.Logger(args, total, step)
+    log = common.Logger(args, total, step, last)
     test = common.load_dataset(args.dataset, args.data_dir, "test", args.image_size, args.workers, seed=args.seed) \
         if args.eval_every else None
     boxes = common.fixed_patch_boxes(16, args.patch_size, train.size)
@@ -143,7 +144,7 @@ def main(argv=None):
         for imgs, _, _ in common.epoch_batches(train, B, epoch, args.seed, rank, world, step - epoch * spe, args.workers):
             if step >= last:  # a resumed run that already reached --max-steps
                 break
-            lr = common.cosine_lr(step, total, args.lr)  # cosine to 0, no warm-up (Sec. 3)
+            lr = common.cosine_lr(step, horizon, args.lr)  # cosine to 0, no warm-up (Sec. 3)
             common.set_lr(optimizer, lr)
             x, _ = common.sample_patches(imgs.to(device, non_blocking=True), n, args.patch_size, args.out_size, gen)
             x = common.augment(x, aug, gen)
@@ -175,6 +176,7 @@ def main(argv=None):
                 torch.distributed.barrier()
         if step >= last:
             break
+    log.finish(step)
     if world > 1:
         torch.distributed.destroy_process_group()
 

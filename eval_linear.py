@@ -1,21 +1,30 @@
-"""Frozen-backbone probes for every effssl checkpoint (SPEC section 2).
+"""Frozen-backbone probes for every effssl checkpoint.
 
 Features are computed once with the backbone frozen in eval mode, then probed by
   - a linear layer (EMP-SSL protocol: 100 epochs, SGD lr 0.03, momentum 0.9, wd 5e-5, batch
     100, cosine; `--linear-opt adam` for the multi-view paper's probe), top-1 of the LAST epoch;
-  - weighted k-NN (NPID protocol: cosine similarity, vote weight exp(s/T), T = 0.07, k = 20, 200).
+  - weighted k-NN (NPID protocol, Wu et al. 2018, arXiv:1805.01978: cosine similarity, vote
+    weight exp(s/T), T = 0.07, k = 20, 200).
+`--linear-aug` is the probe NPID + SqrtKL reports (Cao & Wu 2024, arXiv:2404.19289, after SSQL):
+augmented train images (RandomResizedCrop(0.08, 1) + flip) go through the frozen backbone every
+epoch; SGD lr 30, no weight decay, 100 epochs, lr x0.1 at epochs 60 and 80, batch 128.
 Image representations (--mode):
-  bag      mean backbone embedding of P patches (EMP-SSL Sec. 2 "Bag-of-Feature Model"); patch
-           positions fixed by a seed, the same for every image and run
+  bag      mean backbone embedding of P patches (EMP-SSL, Tong et al. 2023, arXiv:2304.03977,
+           Sec. 2 "Bag-of-Feature Model"). --positions fixed: the same P positions in every image
+           and run; random: positions drawn per image from --seed, as BagSSL samples its
+           evaluation patches (Chen et al. 2022, arXiv:2206.08954, Sec. 4)
   central  the whole image (standard protocol)
   local    BagSSL Sec. 4.4 / App. C.4: embeddings of a sliding window of patches (stride 4, 25
            patches of 16 px on CIFAR) form a 5x5 map, average-pooled (window 3, stride 2), flattened
-  views    mean over V views: 1 clean + V-1 training-augmented (multi-view paper, App. D)
+  views    mean over V views: 1 clean + V-1 training-augmented (multi-view paper, Ghosh et al.
+           2024, arXiv:2312.10725, App. D)
+Each probe setting (mode, patches, positions, feature, ...) has its own result file beside the
+checkpoint, eval-<setting>.json, so probes never overwrite each other.
 
-    python eval_linear.py --ckpt runs/emp1/checkpoint.pt --mode bag --patches 128
+    python eval_linear.py --ckpt runs/emp1 --mode bag --patches 128
+    python eval_linear.py --ckpt runs/emp1 --probe knn --compare-random   # trained vs random init
     python eval_linear.py --ckpt random --arch resnet18 --dataset cifar10 --mode bag --patches 128
 """
-import argparse
 import json
 import os
 import time
@@ -28,17 +37,23 @@ import common
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgParser(description=__doc__)
     a = p.add_argument
-    a("--ckpt", required=True, help="checkpoint.pt of a method script, or 'random' (random-init floor)")
-    a("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"], help="backbone for --ckpt random")
+    a("--ckpt", required=True, help="a run folder or its checkpoint.pt, or 'random' (random-init floor)")
+    a("--arch", default=None, choices=["resnet18", "resnet34", "resnet50"],
+      help="backbone for --ckpt random (default resnet18); with a checkpoint it must match the checkpoint's")
+    a("--compare-random", action="store_true",
+      help="also probe a random-init backbone of the checkpoint's architecture the same way, side by side")
     a("--dataset", default=None, choices=common.DATASETS, help="probe data set (default: the checkpoint's)")
     a("--data-dir", default=None)
+    a("--download", action="store_true", help="let torchvision download CIFAR / STL-10 into --data-dir")
     a("--image-size", type=int, default=None, help="image side for --dataset folder")
     a("--train-dataset", default=None, help="transfer: the data set the checkpoint was trained on (checked)")
     a("--mode", default=None, choices=["bag", "central", "local", "views"],
       help="image representation (default: bag for patch-trained checkpoints, else central)")
     a("--patches", type=int, default=128, help="patches per bag (EMP-SSL: 128; BagSSL: 1/16/256)")
+    a("--positions", default="fixed", choices=["fixed", "random"],
+      help="bag patch positions: the same in every image (fixed), or drawn per image from --seed (random, BagSSL)")
     a("--patch-size", type=int, default=None, help="patch side (default: the training patch side)")
     a("--out-size", type=int, default=None, help="side patches are resized to (default: training input side)")
     a("--stride", type=int, default=4, help="--mode local: sliding-window stride (BagSSL App. C.4: 4)")
@@ -47,11 +62,14 @@ def parse_args(argv=None):
     a("--feature", default="backbone", choices=["backbone", "head1"],
       help="backbone embedding h (papers) or the first projector block (official EMP-SSL eval)")
     a("--probe", default="linear,knn", help="comma list of linear, knn")
+    a("--linear-aug", action="store_true",
+      help="NPID + SqrtKL's linear probe (after SSQL): augmented train images each epoch, SGD lr 30, wd 0, "
+           "100 epochs, steps at 60 and 80, batch 128 (--mode central)")
     a("--linear-epochs", type=int, default=None, help="default 100 (sgd) / 200 (adam)")
-    a("--linear-lr", type=float, default=None, help="default 0.03 (sgd) / 1e-3 (adam)")
+    a("--linear-lr", type=float, default=None, help="default 0.03 (sgd) / 1e-3 (adam) / 30 (--linear-aug)")
     a("--linear-opt", default="sgd", choices=["sgd", "adam"])
-    a("--linear-wd", type=float, default=None, help="default 5e-5 (sgd) / 1e-6 (adam)")
-    a("--linear-batch", type=int, default=None, help="default 100 (sgd) / 512 (adam)")
+    a("--linear-wd", type=float, default=None, help="default 5e-5 (sgd) / 1e-6 (adam) / 0 (--linear-aug)")
+    a("--linear-batch", type=int, default=None, help="default 100 (sgd) / 512 (adam) / 128 (--linear-aug)")
     a("--label-smoothing", type=float, default=None, help="default 0 (sgd) / 0.1 (adam)")
     a("--knn-k", default="20,200")
     a("--knn-t", type=float, default=0.07)
@@ -60,22 +78,23 @@ def parse_args(argv=None):
     a("--batch-size", type=int, default=256, help="images per feature-extraction batch")
     a("--workers", type=int, default=4)
     a("--seed", type=int, default=0, help="seed of the random init, patch positions and view augmentations")
-    a("--out", default=None, help="folder for eval.json (default: the checkpoint's folder)")
+    a("--out", default=None, help="folder for the result file (default: the checkpoint's folder)")
     return p.parse_args(argv)
 
 
 def load_backbone(args):
     """(backbone, projector or None, training args) from a checkpoint or a random init."""
     if args.ckpt == "random":
-        torch.manual_seed(args.seed)
         ds = args.dataset or "cifar10"
         size = args.image_size or common.IMAGE_SIZE.get(ds, 224)
-        targs = {"dataset": ds, "arch": args.arch, "stem": common.default_stem(ds, size), "patch_size": size // 2,
-                 "out_size": size, "norm_mean": list(common.data_stats(ds)[0]), "norm_std": list(common.data_stats(ds)[1]),
-                 "proj": None, "method": "random", "data_dir": None}
-        return common.resnet(args.arch, targs["stem"]), None, targs
+        targs = {"dataset": ds, "arch": args.arch or "resnet18", "stem": common.default_stem(ds, size),
+                 "patch_size": size // 2, "out_size": size, "norm_mean": list(common.data_stats(ds)[0]),
+                 "norm_std": list(common.data_stats(ds)[1]), "proj": None, "method": "random", "data_dir": None}
+        return random_backbone(targs, args.seed), None, targs
     ckpt = common.load_checkpoint(args.ckpt)
     targs = ckpt["args"]
+    if args.arch and args.arch != targs["arch"]:
+        common.fail(f"--arch {args.arch}: the checkpoint '{args.ckpt}' holds a {targs['arch']}")
     backbone = common.resnet(targs["arch"], targs["stem"])
     backbone.load_state_dict(ckpt["backbone"])
     proj = None
@@ -83,9 +102,39 @@ def load_backbone(args):
         if not targs.get("proj"):
             common.fail(f"checkpoint '{args.ckpt}' has no projector for --feature head1")
         proj = common.projector(backbone.dim, targs["proj"], bias=targs.get("proj_bias", True))
-        proj.load_state_dict({k[len("projector."):]: v for k, v in ckpt["model"].items() if k.startswith("projector.")})
+        proj.load_state_dict({k[len("projector."):]: v for k, v in ckpt["model"].items() if k.startswith("projector.")},
+                             strict=False)
         proj = proj[:3]  # Linear-BN-ReLU: the 4096-d feature of the official EMP-SSL evaluation
     return backbone, proj, targs
+
+
+def random_backbone(targs, seed):
+    """A randomly initialised backbone of the training run's architecture, from a fixed seed."""
+    torch.manual_seed(seed)
+    return common.resnet(targs["arch"], targs["stem"])
+
+
+def setting_name(args):
+    """The probe setting as a file-name part: runs differing in it never share a result file."""
+    parts = [args.mode]
+    if args.mode == "bag":
+        parts += [f"p{args.patches}", f"s{args.patch_size}", args.positions] + (["aug"] if args.bag_augment else [])
+    elif args.mode == "local":
+        parts += [f"s{args.patch_size}", f"stride{args.stride}"]
+    elif args.mode == "views":
+        parts += [f"v{args.views}"]
+    if args.out_size:
+        parts.append(f"o{args.out_size}")
+    parts.append(args.feature)
+    if args.linear_aug:
+        parts.append("linaug")
+    if args.dataset != args.trained_on:
+        parts.append(args.dataset)
+    if args.subset or args.test_subset:
+        parts.append(f"n{args.subset or 'all'}-{args.test_subset or 'all'}")
+    if args.seed:
+        parts.append(f"seed{args.seed}")
+    return "-".join(str(p) for p in parts)
 
 
 def sliding_boxes(image_size, size, stride):
@@ -94,31 +143,57 @@ def sliding_boxes(image_size, size, stride):
     return torch.tensor([[t, l, size, size] for t in pos for l in pos]), len(pos)
 
 
+def random_boxes(n_images, patches, size, image_size, seed):
+    """--positions random: patch positions [patches, n_images, 4] drawn per image from seed, so a
+    repeated call gives the same positions."""
+    g = torch.Generator().manual_seed(seed)
+    tl = torch.randint(0, image_size - size + 1, (patches, n_images, 2), generator=g)
+    return torch.cat([tl, torch.full_like(tl, size)], 2)
+
+
+class Progress:
+    """A line every ~10 s while features are extracted: images done, images/s, ETA."""
+
+    def __init__(self, name, total, every=10.0):
+        self.name, self.total, self.every = name, total, every
+        self.t0 = self.tl = time.time()
+
+    def update(self, done):
+        now = time.time()
+        if now - self.tl < self.every and done < self.total:
+            return
+        rate = done / max(now - self.t0, 1e-9)
+        print(f"  features {self.name}: {done}/{self.total} images, {rate:.0f} images/s, "
+              f"eta {(self.total - done) / max(rate, 1e-9) / 60:.1f} min", flush=True)
+        self.tl = now
+
+
 @torch.no_grad()
-def extract(args, embed, ds, device, targs):
+def extract(args, embed, ds, device, targs, name="", seed_offset=0):
     """Features [N, D] of every image of ds under --mode."""
     mean, std = targs["norm_mean"], targs["norm_std"]
     out_size = args.out_size or targs["out_size"]
     gen = torch.Generator(device=device).manual_seed(args.seed)
     aug = common.AugConfig(mean=mean, std=std)
     if args.mode == "bag":
-        boxes = common.fixed_patch_boxes(args.patches, args.patch_size, ds.size, args.seed)
+        boxes = common.fixed_patch_boxes(args.patches, args.patch_size, ds.size, args.seed) \
+            if args.positions == "fixed" else random_boxes(len(ds), args.patches, args.patch_size, ds.size,
+                                                           args.seed + seed_offset)
     elif args.mode == "local":
         boxes, grid = sliding_boxes(ds.size, args.patch_size, args.stride)
     elif args.mode == "views":  # the multi-view paper's CIFAR augmentation
         vaug = common.AugConfig(jitter=(0.4, 0.4, 0.4, 0.0), p_blur=0.0, p_solarize=0.0, mean=mean, std=std)
     feats = []
+    progress = Progress(name, len(ds))
     for s in range(0, len(ds), args.batch_size):
         imgs = ds.get(torch.arange(s, min(s + args.batch_size, len(ds))), args.workers).to(device)
         b = len(imgs)
         if args.mode == "bag":
-            f = common.bag_of_features(embed, imgs, boxes, out_size, mean, std,
+            bx = boxes if boxes.dim() == 2 else boxes[:, s:s + b]
+            f = common.bag_of_features(embed, imgs, bx, out_size, mean, std,
                                        aug=aug if args.bag_augment else None, generator=gen)
         elif args.mode == "central":
-            x = imgs.float().div(255)
-            if x.shape[-1] != out_size and (args.out_size is not None or targs.get("patch_size") is None):
-                x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", align_corners=False, antialias=True)
-            f = embed(common.normalize(x, mean, std)).float()
+            f = embed(central_view(imgs, out_size, mean, std, args.out_size is not None or not targs.get("patch_size")))
         elif args.mode == "local":
             x = common.resized_crops(imgs.float().div(255).repeat(len(boxes), 1, 1, 1),
                                      boxes.to(device).repeat_interleave(b, 0), out_size)
@@ -134,8 +209,17 @@ def extract(args, embed, ds, device, targs):
                 v, _ = common.sample_views(imgs, args.views - 1, out_size, generator=gen)
                 h = embed(common.augment(v, vaug, gen)).float().reshape(args.views - 1, b, -1)
                 f = (f + h.sum(0)) / args.views
-        feats.append(f.cpu())
+        feats.append(f.float().cpu())
+        progress.update(s + b)
     return torch.cat(feats)
+
+
+def central_view(imgs, out_size, mean, std, resize=True):
+    """The whole uint8 image, resized to the network input when asked (antialiased), normalised."""
+    x = imgs.float().div(255)
+    if resize and x.shape[-1] != out_size:
+        x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", align_corners=False, antialias=True)
+    return common.normalize(x, mean, std)
 
 
 def linear_probe(args, tr_f, tr_y, te_f, te_y, num_classes, device):
@@ -170,51 +254,52 @@ def linear_probe(args, tr_f, tr_y, te_f, te_y, num_classes, device):
     return accs
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    probes = [p for p in args.probe.split(",") if p]
-    if not probes or set(probes) - {"linear", "knn"}:
-        common.fail(f"--probe takes linear and/or knn, not '{args.probe}'")
-    if args.patches <= 0 or args.views <= 0:
-        common.fail("--patches and --views must be positive")
-    ks = [int(k) for k in args.knn_k.split(",")]
-    backbone, proj, targs = load_backbone(args)
-    if args.train_dataset and args.train_dataset != targs["dataset"]:
-        common.fail(f"--train-dataset {args.train_dataset}: the checkpoint was trained on {targs['dataset']}")
-    args.dataset = args.dataset or targs["dataset"]
-    if args.data_dir is None:
-        args.data_dir = targs.get("data_dir") if args.dataset == targs["dataset"] and targs.get("data_dir") \
-            else os.path.join("data", args.dataset)
-    args.mode = args.mode or ("bag" if targs.get("patch_size") else "central")
-    args.patch_size = args.patch_size or targs.get("patch_size") or 16
-    size = args.image_size or common.IMAGE_SIZE.get(args.dataset)
-    if size and args.mode in ("bag", "local") and args.patch_size > size:
-        common.fail(f"--patch-size {args.patch_size} is larger than the {size}px images")
-    out_dir = args.out or (os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt != "random"
-                           else os.path.join("runs", f"random-{args.arch}-{args.dataset}"))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def linear_aug_probe(args, embed, train, te_f, te_y, targs, device):
+    """NPID + SqrtKL's probe (Cao & Wu 2024, Sec. 4.1, after SSQL): each epoch, every train image
+    gets a fresh RandomResizedCrop(0.08, 1) + flip through the frozen backbone; SGD momentum 0.9,
+    lr 30, no weight decay, lr x0.1 at 60 % and 80 % of the epochs (60, 80 of 100), batch 128.
+    Test features are the central view. Top-1 on the test split after each epoch."""
+    epochs = args.linear_epochs or 100
+    lr = args.linear_lr or 30.0
+    wd = args.linear_wd if args.linear_wd is not None else 0.0
+    bs = args.linear_batch or 128
+    mean, std, out_size = targs["norm_mean"], targs["norm_std"], args.out_size or targs["out_size"]
+    flip = common.AugConfig(flip=0.5, p_jitter=0.0, p_gray=0.0, p_blur=0.0, p_solarize=0.0, mean=mean, std=std)
+    torch.manual_seed(args.seed)
+    clf = nn.Linear(te_f.shape[1], train.num_classes).to(device)
+    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [round(0.6 * epochs), round(0.8 * epochs)], gamma=0.1)
+    g = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    te_f, te_y = te_f.to(device), te_y.to(device)
+    accs = []
+    for epoch in range(epochs):
+        perm = torch.randperm(len(train), generator=g)
+        for s in range(0, len(train), bs):
+            idx = perm[s:s + bs]
+            imgs = train.get(idx, args.workers).to(device)
+            x, _ = common.sample_views(imgs, 1, out_size, scale=(0.08, 1.0), generator=gen)
+            with torch.no_grad():
+                f = embed(common.augment(x, flip, gen)).float()
+            loss = F.cross_entropy(clf(f), train.labels[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        with torch.no_grad():
+            accs.append((clf(te_f).argmax(1) == te_y).float().mean().item() * 100)
+        print(f"  linear-aug epoch {epoch + 1}/{epochs}: top-1 {accs[-1]:.2f}", flush=True)
+    return accs
 
+
+def probe_all(args, embed, train, test, device, targs, ks, probes, name):
+    """Features of both splits, then every asked probe: the result dict of one backbone."""
     t0 = time.time()
-    train = common.load_dataset(args.dataset, args.data_dir, "train", args.image_size, args.workers, seed=args.seed)
-    test = common.load_dataset(args.dataset, args.data_dir, "test", args.image_size, args.workers, seed=args.seed)
-    if args.subset:
-        train = train.subset(common.subset_indices(len(train), args.subset, seed=1))
-    if args.test_subset:
-        test = test.subset(common.subset_indices(len(test), args.test_subset, seed=2))
-    embed = nn.Sequential(backbone, proj) if proj is not None else backbone
-    embed = embed.to(device).eval()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        tr_f, te_f = extract(args, embed, train, device, targs), extract(args, embed, test, device, targs)
-    t_feat = time.time() - t0
-
-    result = {"ckpt": args.ckpt, "method": targs.get("method"), "trained_on": targs["dataset"],
-              "dataset": args.dataset, "mode": args.mode, "feature": args.feature, "dim": tr_f.shape[1],
-              "n_train": len(train), "n_test": len(test), "feature_seconds": round(t_feat, 1)}
-    if args.mode in ("bag", "local"):
-        result.update(patches=args.patches if args.mode == "bag" else None, patch_size=args.patch_size,
-                      out_size=args.out_size or targs["out_size"], bag_augment=args.bag_augment)
-    if args.mode == "views":
-        result["views"] = args.views
+        tr_f = extract(args, embed, train, device, targs, f"{name} train") if not args.linear_aug or "knn" in probes \
+            else None
+        te_f = extract(args, embed, test, device, targs, f"{name} test", seed_offset=1)
+    result = {"dim": te_f.shape[1], "feature_seconds": round(time.time() - t0, 1)}
     if "knn" in probes:
         result["knn"] = {}
         for k in ks:
@@ -222,22 +307,100 @@ def main(argv=None):
                                       train.num_classes, k=k, t=args.knn_t)
             result["knn"][f"k{k}"] = (pred.cpu() == test.labels).float().mean().item() * 100
     if "linear" in probes:
-        accs = linear_probe(args, tr_f, train.labels, te_f, test.labels, train.num_classes, device)
-        result["linear"] = {"last": accs[-1], "best": max(accs), "epochs": len(accs), "opt": args.linear_opt}
+        if args.linear_aug:
+            accs = linear_aug_probe(args, embed, train, te_f, test.labels, targs, device)
+        else:
+            accs = linear_probe(args, tr_f, train.labels, te_f, test.labels, train.num_classes, device)
+        result["linear"] = {"last": accs[-1], "best": max(accs), "epochs": len(accs),
+                            "opt": "sgd-aug" if args.linear_aug else args.linear_opt}
+    return result
 
-    what = f"{args.mode}" + (f" of {args.patches} x {args.patch_size}px patches" if args.mode == "bag" else "")
+
+def main(argv=None):
+    args = parse_args(argv)
+    probes = [p for p in args.probe.split(",") if p]
+    if not probes or set(probes) - {"linear", "knn"}:
+        common.fail(f"--probe takes linear and/or knn, not '{args.probe}'")
+    if args.patches <= 0 or args.views <= 0 or args.batch_size <= 0:
+        common.fail("--patches, --views and --batch-size must be positive")
+    try:
+        ks = [int(k) for k in args.knn_k.split(",")]
+    except ValueError:
+        common.fail(f"--knn-k takes a comma list of integers, not '{args.knn_k}'")
+    if args.ckpt != "random" and os.path.isdir(args.ckpt):  # a run folder
+        args.ckpt = os.path.join(args.ckpt, "checkpoint.pt")
+    backbone, proj, targs = load_backbone(args)
+    if args.train_dataset and args.train_dataset != targs["dataset"]:
+        common.fail(f"--train-dataset {args.train_dataset}: the checkpoint was trained on {targs['dataset']}")
+    args.trained_on = targs["dataset"]
+    args.dataset = args.dataset or targs["dataset"]
+    if args.data_dir is None:
+        args.data_dir = targs.get("data_dir") if args.dataset == targs["dataset"] and targs.get("data_dir") \
+            else os.path.join("data", args.dataset)
+    args.mode = args.mode or ("bag" if targs.get("patch_size") else "central")
+    if args.compare_random and args.feature != "backbone":
+        common.fail("--compare-random compares backbone features: drop --feature head1")
+    if args.linear_aug and args.mode != "central":
+        common.fail("--linear-aug probes the whole image: use it with --mode central")
+    args.patch_size = args.patch_size or targs.get("patch_size") or 16
+    size = args.image_size or common.IMAGE_SIZE.get(args.dataset)
+    if size and args.mode in ("bag", "local") and args.patch_size > size:
+        common.fail(f"--patch-size {args.patch_size} is larger than the {size}px images")
+    out_dir = args.out or (os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt != "random"
+                           else os.path.join("runs", f"random-{targs['arch']}-{args.dataset}"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    train = common.load_dataset(args.dataset, args.data_dir, "train", args.image_size, args.workers,
+                                download=args.download, seed=args.seed)
+    test = common.load_dataset(args.dataset, args.data_dir, "test", args.image_size, args.workers, seed=args.seed)
+    if args.subset:
+        train = train.subset(common.subset_indices(len(train), args.subset, seed=1))
+    if args.test_subset:
+        test = test.subset(common.subset_indices(len(test), args.test_subset, seed=2))
+    what = f"{args.mode}" + (f" of {args.patches} x {args.patch_size}px patches ({args.positions} positions)"
+                             if args.mode == "bag" else "")
     print(f"probe {args.ckpt} on {args.dataset} ({len(train)} train / {len(test)} test), {what}, "
-          f"feature {args.feature} ({tr_f.shape[1]}-d), features in {t_feat:.0f}s")
-    for k, v in result.get("knn", {}).items():
-        print(f"  k-NN {k:>5}  top-1 {v:6.2f}")
+          f"feature {args.feature}", flush=True)
+    embed = (nn.Sequential(backbone, proj) if proj is not None else backbone).to(device).eval()
+    result = {"ckpt": args.ckpt, "method": targs.get("method"), "trained_on": targs["dataset"],
+              "dataset": args.dataset, "mode": args.mode, "feature": args.feature,
+              "n_train": len(train), "n_test": len(test), "seed": args.seed}
+    if args.mode in ("bag", "local"):
+        result.update(patches=args.patches if args.mode == "bag" else None, patch_size=args.patch_size,
+                      positions=args.positions if args.mode == "bag" else "grid",
+                      out_size=args.out_size or targs["out_size"], bag_augment=args.bag_augment)
+    if args.mode == "views":
+        result["views"] = args.views
+    result.update(probe_all(args, embed, train, test, device, targs, ks, probes, "trained"))
+    if args.compare_random and args.ckpt != "random":
+        rnd = random_backbone(targs, args.seed)
+        rnd_embed = (nn.Sequential(rnd, proj) if proj is not None else rnd).to(device).eval()
+        result["random"] = probe_all(args, rnd_embed, train, test, device, targs, ks, probes, "random init")
+
+    rows = [(f"k-NN k={k[1:]}", v, result.get("random", {}).get("knn", {}).get(k)) for k, v in result.get("knn", {}).items()]
     if "linear" in result:
-        print(f"  linear      top-1 {result['linear']['last']:6.2f}  (last epoch; best epoch on test, flatters: "
-              f"{result['linear']['best']:.2f})")
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, f"eval.json.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, "eval.json"))
+        rows.append(("linear (last epoch)", result["linear"]["last"], result.get("random", {}).get("linear", {}).get("last")))
+    print(f"{'top-1 %':<22}{'trained':>9}" + (f"{'random':>9}{'gain':>8}" if "random" in result else ""))
+    for label, v, r in rows:
+        print(f"{label:<22}{v:9.2f}" + (f"{r:9.2f}{v - r:+8.2f}" if r is not None else ""))
+    if "linear" in result:
+        print(f"(linear, best epoch on the test split, which flatters: {result['linear']['best']:.2f})")
+    path = os.path.join(out_dir, f"eval-{setting_name(args)}.json")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(path):  # the same setting probed before: keep the probes not run now
+            with open(path) as f:
+                old = json.load(f)
+            result = {**old, **result, **{k: {**old.get(k, {}), **result[k]} for k in ("knn", "random")
+                                          if isinstance(old.get(k), dict) and k in result}}
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, path)
+    except (OSError, ValueError) as e:
+        common.fail(f"cannot write {path} ({e.__class__.__name__}: {e})")
+    print(f"wrote {path}", flush=True)
+    result["path"] = path
     return result
 
 

@@ -13,7 +13,33 @@ fastssl) as SPEC 3.3 writes it out. CIFAR-10, 4 views, Barlow Twins, pdim 256, 1
     python eval_linear.py --ckpt runs/ma4/checkpoint.pt --mode views --views 16 --linear-opt adam
 Sample efficiency (Sec. 4.3): --views 8 --train-fraction 0.25 against --views 2 on all images.
 Multi-GPU (batch is global): torchrun --nproc_per_node=2 multiaug_ssl.py --dataset in100
+
+Barlow Twins lambda by default (--lam), as the authors' run scripts set it (fastssl, branch main,
+sbatch_sh_files/multiPatch/multiPatch_barlowTwins_{results, fracTrain_results, stl10_results,
+fracTrain_stl10_results}.sh; the same values on branches arna/extra-multipatch-exps and
+arna/imagenet-try); CIFAR-10 at batch 128, STL-10 at batch 100, 100 epochs:
+    data      views  fraction  pdim 256  pdim 8192
+    CIFAR-10    2      1        0.02      8e-4
+    CIFAR-10    4      1        0.01      4e-4
+    CIFAR-10    8      1        0.01      4e-4
+    CIFAR-10    4      0.5      0.01      8e-4
+    CIFAR-10    8      0.25     0.006     4e-4
+    STL-10      2      1        0.008     4e-4
+    STL-10      4      1        0.001      -
+    STL-10      4      0.5      0.002      -
+    STL-10      8      0.25     0.006      -
+Other data sets take CIFAR-10's rows. A (views, fraction) pair not in the table takes the
+full-data row of the data set's nearest tuned view count (log scale; CIFAR-10: 3 -> 4, 16 -> 8).
+Other pdim (ours, not the authors'): between two tuned pdim, a power law through them (exponent
+log(8e-4/0.02)/log 32 = -0.93 for 2 views); beyond them, lambda * tuned pdim / pdim (the paper
+finds the best lambda falls as pdim grows, Sec. 4.1, Fig. 2). Not found in the authors' code:
+tuned lambda for 8 views on all of STL-10, for pdim 8192 on STL-10 with 4 or 8 views, and for
+pdim other than 256 / 8192 with more than 2 views (their 2-view pdim sweep,
+sbatch_sh_files/final_exps/BarlowTwins_lambda_pdim_res.sh, runs at batch 512); their
+ImageNet-100 script (branch arna/imagenet-try) tunes pdim 512 instead: not used.
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -22,10 +48,10 @@ import common
 
 
 def parse_args(argv=None):
-    p = common.base_parser(__doc__, epochs=100, batch_size=128, lr=1e-3, weight_decay=1e-6, arch=None,
+    p = common.base_parser(__doc__, epochs=100, batch_size=None, lr=1e-3, weight_decay=1e-6, arch=None,
                            epochs_help="training epochs (Sec. 4 / App. D: 100)",
-                           batch_help="GLOBAL batch of images (authors' multi-view scripts: 128; App. D says 256 "
-                                      "for CIFAR/STL)",
+                           batch_help="GLOBAL batch of images (default: the authors' multi-view scripts, 100 with "
+                                      "--dataset stl10, else 128; App. D says 256 for CIFAR/STL)",
                            lr_help="Adam learning rate, constant (App. D: 1e-3)",
                            wd_help="Adam weight decay (App. D: 1e-6)",
                            arch_help="backbone (App. D: resnet50 on CIFAR/STL, resnet18 on in100)")
@@ -34,17 +60,42 @@ def parse_args(argv=None):
     a("--loss", default="barlow", choices=["barlow", "vicreg"], help="Barlow Twins or VICReg form of Eq. (10) (Sec. 4)")
     a("--pdim", type=int, default=256, help="projector width and output dim (Sec. 4.1-4.2: 256; Fig. 2 sweeps 64-8192)")
     a("--lam", type=float, default=None,
-      help="Barlow Twins off-diagonal weight lambda (Sec. 4.1; default at pdim 256: 0.02 for 2 views, 0.01 for 4, 8)")
+      help="Barlow Twins off-diagonal weight lambda (Sec. 4.1). Default: the authors' scripts' value for "
+           "--dataset, --views, --train-fraction and --pdim (table above): CIFAR-10 pdim 256: 0.02 for 2 views, "
+           "0.01 for 4 and 8, 0.01 for 4 views on 50 %%, 0.006 for 8 views on 25 %%; pdim 8192: 8e-4 / 4e-4")
     a("--sim-coeff", type=float, default=25.0, help="VICReg invariance weight (App. D Eq. 49: 25)")
     a("--std-coeff", type=float, default=25.0, help="VICReg variance weight (App. D Eq. 49: 25)")
     a("--cov-coeff", type=float, default=1.0, help="VICReg covariance weight (App. D Eq. 49: 1)")
     a("--train-fraction", type=float, default=1.0,
       help="train on a fixed seeded fraction of the training set (Sec. 4.3: 1.0 / 0.5 / 0.25 for 2 / 4 / 8 views)")
-    a("--out-size", type=int, default=None, help="side the random resized crops are resized to (default: the image side)")
-    a("--scale", type=float, nargs=2, default=(0.08, 1.0), help="random resized crop area range (authors' CIFAR pipeline)")
-    a("--p-gray", type=float, default=0.2,
-      help="grayscale probability of each view (authors' CIFAR pipeline: 0.2; not in the paper)")
-    return p.parse_args(argv)
+    a("--out-size", type=int, default=None,
+      help="side the random resized crops are resized to (default: 64 with --dataset stl10 as the authors' "
+           "STL-10 pipeline, else the image side)")
+    a("--scale", type=float, nargs=2, default=None,
+      help="random resized crop area range (default: the authors' pipelines, (0.2, 1) with --dataset stl10, "
+           "else (0.08, 1))")
+    a("--p-gray", type=float, default=None,
+      help="grayscale probability of each view (default: the authors' pipelines, 0.1 with --dataset stl10, "
+           "else 0.2; not in the paper)")
+    return resolve_defaults(p.parse_args(argv))
+
+
+# the authors' STL-10 recipe (fastssl fastssl/data/cifar_transforms.py STLTransformFFCV: 64 px random
+# resized crops of scale (0.2, 1), grayscale 0.1; batch 100 in multiPatch_barlowTwins_stl10_results.sh and
+# _fracTrain_stl10_results.sh; their CIFAR scripts' untaken "stl10 -> batch 64" branch is not what ran)
+RECIPES = {"stl10": dict(batch_size=100, out_size=64, scale=(0.2, 1.0), p_gray=0.1),
+           None: dict(batch_size=128, out_size=None, scale=(0.08, 1.0), p_gray=0.2)}  # CIFAR-10 (CifarTransformFFCV)
+
+
+def resolve_defaults(args):
+    """Fill the flags left unset from --dataset's recipe (RECIPES) and lambda from default_lam."""
+    recipe = RECIPES.get(args.dataset, RECIPES[None])
+    for k, v in recipe.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.lam is None:
+        args.lam = default_lam(args.views, args.train_fraction, args.pdim, args.dataset)
+    return args
 
 
 # --- loss, Eq. (10) -------------------------------------------------------------------------
@@ -113,24 +164,57 @@ def vicreg_loss(Z, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
 # --- model ----------------------------------------------------------------------------------
 
 
+# projector Linear biases (first, last), as the authors' BackBone.build_projector (fastssl
+# fastssl/models/backbone.py): Linear(bias=False), BN, ReLU, Linear(bias=True)
+PROJ_BIAS = [False, True]
+
+
 class MultiViewNet(nn.Module):
-    """ResNet backbone -> projector pdim-pdim (Linear without bias, BN, ReLU, Linear; official code).
-    The output stays raw: barlow_loss L2-normalises it, VICReg uses it as is (authors' code).
-    The authors' last Linear has a bias; both losses are blind to it (standardised or centred)."""
+    """ResNet backbone -> projector pdim-pdim (Linear without bias, BN, ReLU, Linear with bias;
+    the authors' code). The output stays raw: barlow_loss L2-normalises it, VICReg uses it as is
+    (authors' code)."""
 
     def __init__(self, arch, stem, pdim):
         super().__init__()
         self.backbone = common.resnet(arch, stem)
-        self.projector = common.projector(self.backbone.dim, f"{pdim}-{pdim}", bias=False)
+        self.projector = common.projector(self.backbone.dim, f"{pdim}-{pdim}", bias=PROJ_BIAS)
 
     def forward(self, x):
         return self.projector(self.backbone(x))
 
 
-def default_lam(views):
-    """The authors' tuned lam at pdim 256: 0.02 for 2 views, 0.01 for 4 and 8 (SPEC 3.3); at other
-    pdim the paper sweeps it and recommends it shrink as pdim grows (Sec. 4.1)."""
-    return 0.02 if views == 2 else 0.01
+# (data set, views, train fraction) -> {pdim: lambda}: the authors' run scripts (module docstring)
+LAM = {("cifar10", 2, 1.0): {256: 0.02, 8192: 8e-4},
+       ("cifar10", 4, 1.0): {256: 0.01, 8192: 4e-4},
+       ("cifar10", 8, 1.0): {256: 0.01, 8192: 4e-4},
+       ("cifar10", 4, 0.5): {256: 0.01, 8192: 8e-4},
+       ("cifar10", 8, 0.25): {256: 0.006, 8192: 4e-4},
+       ("stl10", 2, 1.0): {256: 0.008, 8192: 4e-4},
+       ("stl10", 4, 1.0): {256: 0.001},
+       ("stl10", 4, 0.5): {256: 0.002},
+       ("stl10", 8, 0.25): {256: 0.006}}
+
+
+def default_lam(views, train_fraction=1.0, pdim=256, dataset="cifar10"):
+    """Barlow Twins lambda for a run, from LAM (the rules are in the module docstring): the row of
+    (dataset, views, train_fraction), else the full-data row of the nearest tuned view count; the
+    row's value at pdim, else a power law between its two tuned pdim, else lambda * p / pdim from
+    the nearest tuned p."""
+    ds = "stl10" if dataset == "stl10" else "cifar10"
+    row = LAM.get((ds, views, float(train_fraction)))
+    if row is None:
+        tuned = sorted(v for d, v, f in LAM if d == ds and f == 1.0)
+        v = min(tuned, key=lambda t: (abs(math.log(max(views, 1) / t)), t))
+        row = LAM[(ds, v, 1.0)]
+    pdim = max(int(pdim), 1)
+    if pdim in row:
+        return row[pdim]
+    lo, hi = min(row), max(row)
+    if lo < pdim < hi:  # log-log interpolation between the tuned pdim
+        t = math.log(pdim / lo) / math.log(hi / lo)
+        return math.exp((1 - t) * math.log(row[lo]) + t * math.log(row[hi]))
+    p = lo if pdim < lo else hi
+    return row[p] * p / pdim
 
 
 def train_fraction_indices(n, fraction, seed=0):
@@ -146,6 +230,8 @@ def main(argv=None):
     args = common.resolve_common(parse_args(argv), "multiaug_ssl")
     if args.views < 2:
         common.fail("--views must be at least 2")
+    if args.schedule_epochs is not None:
+        common.fail("--schedule-epochs: multiaug_ssl trains at a constant learning rate (App. D), it has no schedule")
     if not 0 < args.train_fraction <= 1:
         common.fail("--train-fraction must be in (0, 1]")
     if args.pdim <= 1:
@@ -154,8 +240,6 @@ def main(argv=None):
         common.fail("--p-gray must be in [0, 1]")
     if not 0 < args.scale[0] <= args.scale[1] <= 1:
         common.fail("--scale takes two numbers 0 < lo <= hi <= 1")
-    if args.lam is None:
-        args.lam = default_lam(args.views)
     args.arch = args.arch or ("resnet18" if args.dataset == "in100" else "resnet50")
     rank, world, device = common.init_distributed()
     torch.manual_seed(args.seed)
@@ -170,7 +254,7 @@ def main(argv=None):
     args.patch_size = None  # random resized crops, not fixed patches
     args.stem = common.default_stem(args.dataset, args.out_size)
     args.norm_mean, args.norm_std = (list(s) for s in common.data_stats(args.dataset))
-    args.proj, args.proj_bias = f"{args.pdim}-{args.pdim}", False
+    args.proj, args.proj_bias = f"{args.pdim}-{args.pdim}", list(PROJ_BIAS)  # common.projector's (first, last)
     model = MultiViewNet(args.arch, args.stem, args.pdim).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -180,7 +264,7 @@ def main(argv=None):
     net = common.wrap_ddp(model, device, not args.no_sync_bn)
     if args.compile:
         net = torch.compile(net)
-    # the authors' CIFAR views: crop + flip + jitter 0.4/0.4/0.4 (hue 0) p=0.8 + grayscale 0.2
+    # the authors' CIFAR / STL-10 views: crop + flip + jitter 0.4/0.4/0.4 (hue 0) p=0.8 + grayscale --p-gray
     aug = common.AugConfig(jitter=(0.4, 0.4, 0.4, 0.0), p_gray=args.p_gray, p_blur=0.0, p_solarize=0.0,
                            mean=args.norm_mean, std=args.norm_std)
 
@@ -188,7 +272,7 @@ def main(argv=None):
     spe = common.steps_per_epoch(len(train), B)
     total = spe * args.epochs
     last = min(total, args.max_steps or total)
-    log = common.Logger(args, total, step)
+    log = common.Logger(args, total, step, last)
     test = common.load_dataset(args.dataset, args.data_dir, "test", args.image_size, args.workers, seed=args.seed) \
         if args.eval_every else None
 
@@ -240,6 +324,7 @@ def main(argv=None):
                 torch.distributed.barrier()
         if step >= last:
             break
+    log.finish(step)
     if world > 1:
         torch.distributed.destroy_process_group()
 

@@ -52,10 +52,30 @@ def parse_args(argv=None):
       help="which part of L_SqrtKL = L1 + L2 to use (Eq. 12; Table 8 ablation)")
     a("--bank-momentum", type=float, default=0.5, help="m of the bank update, Eq. (3)/(6) (Sec. 4.1: 0.5; Fig. 4)")
     a("--no-calibrate", action="store_true", help="random bank as NPID instead of Feature Calibrate (Table 6)")
+    a("--calibrate-bn", default="train", choices=["train", "eval"],
+      help="BatchNorm during Feature Calibrate (Cao & Wu 2024, arXiv:2404.19289, Sec. 3.2, which does not say): "
+           "train = batch statistics, as step 0 of training computes z; eval = the untrained network's running "
+           "statistics (mean 0, variance 1). Default train for now: to be decided by measurements on CIFAR-10")
     a("--no-grad-update", action="store_true", help="NPID's update Eq. (3) instead of Grad Update Eq. (6) (Table 6)")
     a("--bank-chunk", type=int, default=0,
       help="softmax over the bank in chunks of this many rows (0 = all at once); see the memory note above")
-    return p.parse_args(argv)
+    # NPID's CIFAR augmentation (Wu et al. 2018, arXiv:1805.01978; the official lemniscate.pytorch cifar.py):
+    # RandomResizedCrop(scale=(0.2, 1)), ColorJitter(0.4, 0.4, 0.4, 0.4) on every image, RandomGrayscale(0.2)
+    a("--jitter", type=float, nargs=4, default=(0.4, 0.4, 0.4, 0.4), metavar=("B", "C", "S", "H"),
+      help="colour-jitter strength: brightness, contrast, saturation, hue (NPID's CIFAR code: 0.4 0.4 0.4 0.4)")
+    a("--p-jitter", type=float, default=1.0, help="colour-jitter probability (NPID's CIFAR code: 1, always applied)")
+    a("--p-gray", type=float, default=0.2, help="grayscale probability (NPID's CIFAR code: 0.2)")
+    a("--flip", type=float, default=0.0,
+      help="horizontal-flip probability (NPID's CIFAR code: 0, its RandomHorizontalFlip is commented out; "
+           "its ImageNet code, main.py, flips with 0.5)")
+    args = p.parse_args(argv)
+    b, c, s, h = args.jitter
+    if min(b, c, s) < 0 or not 0 <= h <= 0.5:
+        common.fail("--jitter takes brightness, contrast, saturation >= 0 and a hue in [0, 0.5]")
+    for flag, v in {"--p-jitter": args.p_jitter, "--p-gray": args.p_gray, "--flip": args.flip}.items():
+        if not 0 <= v <= 1:
+            common.fail(f"{flag} must be in [0, 1], not {v}")
+    return args
 
 
 # --- loss, Eq. (1), (2), (7), (12), (13) --------------------------------------------------------------
@@ -166,23 +186,26 @@ def whole_view(images, out_size, mean, std):
 
 
 @torch.no_grad()
-def calibrate(model, train, out_size, mean, std, device, chunk=512, workers=0):
+def calibrate(model, train, out_size, mean, std, device, chunk=512, workers=0, bn="train"):
     """Feature Calibrate (Sec. 3.2): w_i = z_i^(0), the untrained network's normalised output for
-    every training image, as step 0 of training computes it: BatchNorm on batch statistics. (In
-    eval mode an untrained network's BatchNorm divides by its initial running variance of 1 and
-    gives nearly one feature for every image: mean pairwise cosine 0.96 against 0.79 in train mode
-    on synthetic, and a bank that does not tell the images apart.) The paper names no view: we take
-    the whole unaugmented image. The images go in fixed blocks of about `chunk` in index order, so a
-    row depends on its block alone, not on the number of ranks; ranks take blocks in turn and sum
-    their rows (exact: each row comes from one rank, zeros from the others), so every rank holds the
-    same bank. The running statistics are restored: the network stays untrained."""
+    every training image. The paper does not say which BatchNorm statistics: bn="train" normalises
+    by each block's batch statistics, as step 0 of training computes z; bn="eval" by the untrained
+    network's running statistics (mean 0, variance 1), each image on its own. (On synthetic, eval
+    mode gives nearly one feature for every image: mean pairwise cosine 0.96 against 0.79 in train
+    mode.) The paper names no view: we take the whole unaugmented image. The images go in fixed
+    blocks of about `chunk` in index order, so a row depends on its block alone, not on the number
+    of ranks; ranks take blocks in turn and sum their rows (exact: each row comes from one rank,
+    zeros from the others), so every rank holds the same bank. The running statistics are
+    restored and the mode too: the network stays untrained."""
+    if bn not in ("train", "eval"):
+        raise ValueError(f"bn must be 'train' or 'eval', not {bn!r}")
     n, world = len(train), common.world_size()
     rank = torch.distributed.get_rank() if world > 1 else 0
     blocks = -(-n // chunk)
     bounds = [k * n // blocks for k in range(blocks + 1)]  # near-equal blocks, none much smaller than chunk
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     was_training = model.training
-    model.train()
+    model.train(bn == "train")
     bank = torch.zeros(n, model.projector[-1].out_features, device=device)
     for b in range(rank, blocks, world):
         imgs = train.get(torch.arange(bounds[b], bounds[b + 1]), workers).to(device)
@@ -241,21 +264,23 @@ def main(argv=None):
     step = common.open_run(args, gen, model, optimizer, state)
     if "bank" not in state:  # a fresh run: Feature Calibrate (Sec. 3.2), or NPID's random bank
         state["bank"] = random_bank(len(train), model.projector[-1].out_features, args.seed) if args.no_calibrate \
-            else calibrate(model, train, args.out_size, args.norm_mean, args.norm_std, device, workers=args.workers)
+            else calibrate(model, train, args.out_size, args.norm_mean, args.norm_std, device, workers=args.workers,
+                           bn=args.calibrate_bn)
     bank = state["bank"] = state["bank"].to(device).float()
     net = common.wrap_ddp(model, device, not args.no_sync_bn)
     if args.compile:
         net = torch.compile(net)
-    # NPID's CIFAR augmentation: crop scale (0.2, 1), ColorJitter(0.4, 0.4, 0.4, 0.4) always applied,
-    # grayscale 0.2, flip; no blur, no solarization
-    aug = common.AugConfig(jitter=(0.4, 0.4, 0.4, 0.4), p_jitter=1.0, p_gray=0.2, p_blur=0.0, p_solarize=0.0,
-                           mean=args.norm_mean, std=args.norm_std)
+    # NPID's CIFAR augmentation by default (--jitter, --p-jitter, --p-gray, --flip): crop scale (0.2, 1),
+    # ColorJitter(0.4, 0.4, 0.4, 0.4) always applied, grayscale 0.2, no flip; no blur, no solarization
+    aug = common.AugConfig(flip=args.flip, jitter=tuple(args.jitter), p_jitter=args.p_jitter, p_gray=args.p_gray,
+                           p_blur=0.0, p_solarize=0.0, mean=args.norm_mean, std=args.norm_std)
 
     B, tau = args.batch_size, args.temperature
     spe = common.steps_per_epoch(len(train), B)
     total = spe * args.epochs
+    horizon = spe * (args.schedule_epochs or args.epochs)  # the schedule's length (--schedule-epochs)
     last = min(total, args.max_steps or total)
-    log = common.Logger(args, total, step)
+    log = common.Logger(args, total, step, last)
     test = common.load_dataset(args.dataset, args.data_dir, "test", args.image_size, args.workers, seed=args.seed) \
         if args.eval_every else None
 
@@ -267,7 +292,7 @@ def main(argv=None):
         for imgs, _, idx in common.epoch_batches(train, B, epoch, args.seed, rank, world, step - epoch * spe, args.workers):
             if step >= last:  # a resumed run that already reached --max-steps
                 break
-            lr = common.cosine_lr(step, total, args.lr)  # cosine decay (Sec. 4.1)
+            lr = common.cosine_lr(step, horizon, args.lr)  # cosine decay (Sec. 4.1)
             common.set_lr(optimizer, lr)
             x, _ = common.sample_views(imgs.to(device, non_blocking=True), 1, args.out_size, scale=(0.2, 1.0), generator=gen)
             x = common.augment(x, aug, gen)
@@ -305,6 +330,7 @@ def main(argv=None):
                 torch.distributed.barrier()
         if step >= last:
             break
+    log.finish(step)
     if world > 1:
         torch.distributed.destroy_process_group()
 

@@ -1,0 +1,362 @@
+"""The shared command line of the method scripts and eval_linear.py: one `error:` line and exit 2
+for every user mistake, one run per run folder, progress that counts to the step the run stops
+at, Ctrl-C, a full disk, the learning-rate horizon (--schedule-epochs), the plot command, and a
+repository that stands alone. emp_ssl.py stands for the four scripts: they share common.py's
+parser, run folder, Logger and checkpoint code."""
+import errno
+import glob
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import common
+import emp_ssl
+import eval_linear
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dataset", "synthetic", "--subset", "64", "--batch-size", "16", "--patches", "2",
+        "--patch-size", "8", "--out-size", "8", "--log-every", "1"]
+_SYN = {}
+
+
+@pytest.fixture(autouse=True)
+def cached_synthetic(monkeypatch):
+    """common.synthetic_set is deterministic: generate each split once for the in-process runs."""
+    real = common.synthetic_set
+
+    def cached(split, seed=0, n=None):
+        if (split, seed, n) not in _SYN:
+            _SYN[split, seed, n] = real(split, seed, n)
+        return _SYN[split, seed, n]
+    monkeypatch.setattr(common, "synthetic_set", cached)
+
+
+def call(main, argv, capsys):
+    """Run a script's main in-process under common.run_cli: (exit code, stdout, stderr lines)."""
+    capsys.readouterr()
+    code = 0
+    try:
+        common.run_cli(lambda: main(argv))
+    except SystemExit as e:
+        code = e.code
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err.strip().splitlines()
+
+
+def one_error_line(code, err, needle):
+    assert code == 2, (code, err)
+    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+
+
+def run_script(args, env=None, timeout=300):
+    e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=e, timeout=timeout)
+
+
+def steps_logged(out):
+    return [r["step"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "loss" in r]
+
+
+# --- bad input: one line, exit 2, nothing written --------------------------------------------
+
+
+@pytest.mark.parametrize("bad,needle", [
+    (["--lr", "-0.1"], "--lr must be positive"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--weight-decay", "-1"], "--weight-decay"),
+    (["--epochs", "2", "--schedule-epochs", "1"], "--schedule-epochs 1 is shorter"),
+    (["--max-step", "1"], "unrecognized arguments: --max-step"),  # no abbreviated flags
+    (["--epoch", "1"], "unrecognized arguments: --epoch"),
+    (["--lr", "abc"], "--lr"),
+])
+def test_bad_flag_is_one_error_line_exit_2(bad, needle, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = call(emp_ssl.main, TINY + ["--max-steps", "1", "--out", str(out)] + bad, capsys)
+    one_error_line(code, err, needle)
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_out_naming_a_file_or_an_unwritable_place_is_a_user_error(tmp_path, capsys):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    code, _, err = call(emp_ssl.main, TINY + ["--max-steps", "1", "--out", str(f)], capsys)
+    one_error_line(code, err, "is a file")
+    code, _, err = call(emp_ssl.main, TINY + ["--max-steps", "1", "--out", str(f / "run")], capsys)
+    one_error_line(code, err, "cannot write to --out")  # nothing can be made under a file (root or not)
+    assert f.read_text() == "x"
+
+
+# --- a run folder holds one run ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 3-step run with a checkpoint at every step (one subprocess, shared by the tests below)."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    r = run_script(["emp_ssl.py", *TINY, "--epochs", "2", "--max-steps", "3", "--save-every", "1", "--out", str(out)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out, r
+
+
+def test_progress_counts_to_the_stop_step_and_a_closing_line_names_the_checkpoint(finished_run):
+    out, r = finished_run
+    lines = [x for x in r.stdout.splitlines() if x.startswith("epoch")]
+    assert [int(re.search(r"step (\d+)/3 ", x).group(1)) for x in lines] == [1, 2, 3], r.stdout
+    assert all("eta" in x and "patches/s" in x and "lr" in x for x in lines)
+    last = r.stdout.strip().splitlines()[-1]
+    assert last.startswith("done: ran steps 1-3 of 8") and str(out / "checkpoint.pt") in last, last
+
+
+def test_first_and_last_step_are_logged_with_a_long_log_every(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = call(emp_ssl.main, TINY + ["--max-steps", "3", "--log-every", "100", "--out", str(out)], capsys)
+    assert code == 0
+    assert [int(m) for m in re.findall(r"step (\d+)/3 ", stdout)] == [1, 3], stdout
+    assert steps_logged(out) == [1, 3]
+
+
+def _snapshot(out):
+    return (out / "checkpoint.pt").read_bytes(), (out / "args.json").read_text(), (out / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ([], "already holds a run"),  # a second run into the same folder without --resume
+    (["--resume", "--arch", "resnet34"], "--arch resnet18 (now resnet34)"),
+    (["--resume", "--patches", "3", "--lr", "1.0"], "--lr 0.3 (now 1.0), --patches 2 (now 3)"),
+])
+def test_existing_run_is_never_overwritten_or_mixed(extra, needle, finished_run, capsys):
+    out, _ = finished_run
+    before = _snapshot(out)
+    code, _, err = call(emp_ssl.main, TINY + ["--epochs", "2", "--max-steps", "5", "--out", str(out)] + extra, capsys)
+    one_error_line(code, err, needle)
+    assert _snapshot(out) == before
+    assert not glob.glob(str(out / "*.tmp*"))
+
+
+def test_resume_may_change_runtime_flags_and_logs_each_step_once(finished_run, tmp_path, capsys):
+    """The run's checkpoint is at step 3 but a crash may leave later lines in metrics.jsonl: they go."""
+    src, _ = finished_run
+    out = tmp_path / "run"
+    os.makedirs(out)
+    for name in ("checkpoint.pt", "args.json", "metrics.jsonl"):
+        (out / name).write_bytes((src / name).read_bytes())
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 0, "step": 4, "loss": 0.0}) + "\n" + '{"epoch": 0, "st')  # torn last line
+    code, stdout, err = call(emp_ssl.main, TINY + ["--epochs", "2", "--max-steps", "5", "--out", str(out), "--resume",
+                                                   "--log-every", "2", "--save-every", "7", "--workers", "0"], capsys)
+    assert code == 0, err
+    assert "resumed from" in stdout and "at step 3" in stdout
+    assert steps_logged(out) == [1, 2, 3, 4, 5]  # 4 (first after resume) and 5 (last) once each
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 5
+    assert json.loads((out / "args.json").read_text())["log_every"] == 1  # the run's own args stay
+
+
+# --- a full disk and Ctrl-C ----------------------------------------------------------------------
+
+
+def test_full_disk_during_a_save_keeps_the_last_checkpoint_and_no_temp_file(tmp_path, capsys, monkeypatch):
+    real_save = torch.save
+    calls = []
+
+    def save(obj, f, *a, **k):  # the second checkpoint hits a full disk half-way
+        calls.append(f)
+        if len(calls) == 2 and ".tmp" in str(f):
+            with open(f, "wb") as fh:
+                fh.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    code, _, err = call(emp_ssl.main, TINY + ["--max-steps", "3", "--save-every", "1", "--out", str(out)], capsys)
+    one_error_line(code, err, "No space left on device")
+    assert "previous file is kept" in err[0]
+    assert os.listdir(out) and not glob.glob(str(out / "*.tmp*"))
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1
+
+
+def test_interrupted_save_removes_its_temporary_file(tmp_path, monkeypatch):
+    def save(obj, f, *a, **k):
+        open(f, "wb").write(b"partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(KeyboardInterrupt):
+        common.atomic_save({"x": 1}, str(tmp_path / "c.pt"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_says_where_the_run_stopped_and_exits_130(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "emp_ssl.py", *TINY, "--epochs", "50", "--save-every", "2",
+                          "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env)
+    deadline = time.time() + 240
+    for line in p.stdout:  # wait until step 3 is done: a checkpoint at step 2 exists
+        if re.search(r"step 3/", line) or time.time() > deadline:
+            break
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert p.returncode == 130, err
+    m = re.fullmatch(r"interrupted at step (\d+), last checkpoint at step (\d+): rerun with --resume", lines[-1])
+    assert m and len(lines) == 1, err
+    step, saved = int(m.group(1)), int(m.group(2))
+    assert step >= 3 and saved in (step // 2 * 2, step // 2 * 2 - 2)  # Ctrl-C may land during a save
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == saved
+    assert not glob.glob(str(out / "*.tmp*"))
+
+
+# --- the learning-rate horizon ---------------------------------------------------------------------
+
+
+def test_lr_at_every_step_is_the_cosine_over_the_schedule_horizon_across_a_resume(tmp_path, capsys):
+    """--epochs 1 --schedule-epochs 3: 4 steps of a 12-step cosine (64 images / 16), run as 2 + 2."""
+    out = tmp_path / "run"
+    flags = TINY + ["--epochs", "1", "--schedule-epochs", "3", "--out", str(out)]
+    assert call(emp_ssl.main, flags + ["--max-steps", "2"], capsys)[0] == 0
+    assert call(emp_ssl.main, flags + ["--resume"], capsys)[0] == 0
+    rec = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "lr" in r]
+    assert [r["step"] for r in rec] == [1, 2, 3, 4]
+    for r in rec:  # the lr of step k (1-based) is the cosine at k - 1 of 12, from 0.3 to 0
+        assert r["lr"] == pytest.approx(0.3 * 0.5 * (1 + math.cos(math.pi * (r["step"] - 1) / 12)), rel=1e-9)
+    # without the flag the same run decays over its own 4 steps
+    out2 = tmp_path / "run2"
+    assert call(emp_ssl.main, TINY + ["--epochs", "1", "--out", str(out2)], capsys)[0] == 0
+    rec2 = [r for r in map(json.loads, open(out2 / "metrics.jsonl")) if "lr" in r]
+    assert rec2[-1]["lr"] == pytest.approx(0.3 * 0.5 * (1 + math.cos(math.pi * 3 / 4)), rel=1e-9)
+
+
+# --- eval_linear ---------------------------------------------------------------------------------
+
+
+PROBE = ["--probe", "knn", "--knn-k", "5", "--subset", "40", "--test-subset", "20", "--patches", "2"]
+
+
+def test_eval_takes_a_run_folder_and_keeps_one_result_file_per_setting(finished_run, capsys):
+    out, _ = finished_run
+    code, stdout, err = call(eval_linear.main, ["--ckpt", str(out), *PROBE, "--batch-size", "16"], capsys)
+    assert code == 0, err
+    assert re.search(r"features trained train: 40/40 images, \d+ images/s, eta", stdout), stdout
+    code, _, err = call(eval_linear.main, ["--ckpt", str(out / "checkpoint.pt"), *PROBE, "--mode", "central"], capsys)
+    assert code == 0, err
+    code, _, err = call(eval_linear.main, ["--ckpt", str(out), *PROBE, "--positions", "random"], capsys)
+    assert code == 0, err
+    files = sorted(os.path.basename(f) for f in glob.glob(str(out / "eval-*.json")))
+    assert files == ["eval-bag-p2-s8-fixed-backbone-n40-20.json", "eval-bag-p2-s8-random-backbone-n40-20.json",
+                     "eval-central-backbone-n40-20.json"], files
+    modes = [json.load(open(out / f))["mode"] for f in files]
+    assert modes == ["bag", "bag", "central"]
+
+
+def test_eval_compare_random_prints_trained_and_random_side_by_side(finished_run, capsys):
+    out, _ = finished_run
+    code, stdout, err = call(eval_linear.main, ["--ckpt", str(out), *PROBE, "--compare-random", "--out",
+                                                str(out / "cmp")], capsys)
+    assert code == 0, err
+    res = json.load(open(glob.glob(str(out / "cmp" / "eval-*.json"))[0]))
+    row = re.search(r"k-NN k=5\s+([\d.]+)\s+([\d.]+)\s+([+-][\d.]+)", stdout)
+    assert row, stdout
+    assert float(row.group(1)) == pytest.approx(res["knn"]["k5"], abs=0.01)
+    assert float(row.group(2)) == pytest.approx(res["random"]["knn"]["k5"], abs=0.01)
+
+
+@pytest.mark.parametrize("bad,needle", [
+    (["--arch", "resnet34"], "holds a resnet18"),
+    (["--ckpt-dir", "x"], "unrecognized arguments"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent"], "/nonexistent"),
+    (["--linear-aug", "--mode", "bag"], "--linear-aug"),
+])
+def test_eval_user_mistakes_are_one_error_line(bad, needle, finished_run, capsys):
+    out, _ = finished_run
+    code, _, err = call(eval_linear.main, ["--ckpt", str(out), *PROBE] + bad, capsys)
+    one_error_line(code, err, needle)
+
+
+def test_eval_random_positions_are_drawn_per_image_and_repeat_on_every_call():
+    a = eval_linear.random_boxes(50, 8, 14, 32, seed=3)
+    b = eval_linear.random_boxes(50, 8, 14, 32, seed=3)
+    assert torch.equal(a, b) and a.shape == (8, 50, 4)
+    assert (a[..., :2] >= 0).all() and (a[..., :2] <= 32 - 14).all() and (a[..., 2:] == 14).all()
+    assert not torch.equal(a[:, 0], a[:, 1])  # two images do not share their positions
+    assert not torch.equal(a, eval_linear.random_boxes(50, 8, 14, 32, seed=4))
+
+
+def test_bag_of_features_with_per_image_boxes_equals_one_image_at_a_time():
+    torch.manual_seed(0)
+    net = common.resnet("resnet18", "cifar").eval()
+    imgs = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    boxes = eval_linear.random_boxes(3, 4, 16, 32, seed=0)
+    mean, std = (0.5,) * 3, (0.25,) * 3
+    both = common.bag_of_features(net, imgs, boxes, 16, mean, std)
+    one = torch.cat([common.bag_of_features(net, imgs[i:i + 1], boxes[:, i], 16, mean, std) for i in range(3)])
+    torch.testing.assert_close(both, one, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_aug_probe_runs_the_ssql_schedule(finished_run, capsys):
+    """A few epochs on the synthetic set: lr 30 -> 3 -> 0.3 at 60 % and 80 % of the epochs."""
+    out, _ = finished_run
+    seen = []
+    real = torch.optim.lr_scheduler.MultiStepLR.step
+
+    def step(self, *a, **k):
+        seen.append(self.optimizer.param_groups[0]["lr"])
+        return real(self, *a, **k)
+    torch.optim.lr_scheduler.MultiStepLR.step = step
+    try:
+        code, stdout, err = call(eval_linear.main, ["--ckpt", str(out), "--mode", "central", "--probe", "linear",
+                                                    "--linear-aug", "--linear-epochs", "5", "--subset", "64",
+                                                    "--test-subset", "32"], capsys)
+    finally:
+        torch.optim.lr_scheduler.MultiStepLR.step = real
+    assert code == 0, err
+    assert seen[1:] == pytest.approx([30.0, 30.0, 30.0, 3.0, 0.3]), seen  # lr used in epochs 1..5
+    res = json.load(open(glob.glob(str(out / "eval-central-*linaug*.json"))[0]))
+    assert res["linear"]["epochs"] == 5 and res["linear"]["opt"] == "sgd-aug"
+    assert len(re.findall(r"linear-aug epoch \d/5", stdout)) == 5
+
+
+# --- the plot command ------------------------------------------------------------------------------
+
+
+def test_plot_without_matplotlib_is_one_line_saying_how_to_install(finished_run, capsys, monkeypatch):
+    out, _ = finished_run
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    with pytest.raises(common.UserError, match="pip install matplotlib"):
+        common.plot_runs([str(out)], str(out / "p.png"))
+
+
+def test_plot_writes_one_png_of_the_runs(finished_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    out, _ = finished_run
+    common.plot_runs([str(out), str(out / "metrics.jsonl")], str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_read_metrics_separates_steps_and_knn_records(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n{"epoch": 1, "step": 2, "knn_top1": 40.0}\n{"st')
+    steps, evals = common.read_metrics(str(tmp_path))
+    assert [r["loss"] for r in steps] == [2.0, 1.0] and [r["knn_top1"] for r in evals] == [40.0]
+
+
+# --- the repository stands alone ------------------------------------------------------------------
+
+
+def test_product_files_cite_papers_not_the_workshop():
+    """Users get only the repository: no pointer to the team's spec or paper copies."""
+    files = subprocess.run(["git", "ls-files", "*.py", "*.md", "*.txt", "bench/*", "docs/*"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.split()
+    files = [f for f in files if not f.startswith(("tests/", ".ci/"))] or glob.glob(os.path.join(ROOT, "*.py"))
+    bad = re.compile(r"\.\./shared|\bSPEC\b|SPEC\.md|SPEC ?\d|papers/")
+    hits = [f"{f}:{i + 1}" for f in files for i, line in enumerate(open(os.path.join(ROOT, f), errors="ignore"))
+            if bad.search(line)]
+    assert not hits, hits
