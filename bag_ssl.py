@@ -6,9 +6,10 @@ image (14 px of a 32 px CIFAR image) instead of multi-scale crops; the image rep
 the mean embedding of its patches (bag of local features). `--multiscale` gives the baselines of
 Tables 1-3 (two RandomResizedCrop(0.08, 1) views).
 
-Paper: papers/bag_ssl.md. CIFAR-10, BagSSL-VICReg (Table 1: 90.9 % linear with 16 patches):
+Paper: Chen, Bardes, Li, LeCun 2022, arXiv:2206.08954. CIFAR-10, BagSSL-VICReg (Table 1: 90.9 % linear,
+16-patch bag; the paper samples evaluation patches like training patches: --positions random):
     python bag_ssl.py --loss vicreg --out runs/bag-vicreg
-    python eval_linear.py --ckpt runs/bag-vicreg/checkpoint.pt --mode bag --patches 16
+    python eval_linear.py --ckpt runs/bag-vicreg --mode bag --patches 16 --positions random
 Baseline column (multi-scale training, central evaluation):
     python bag_ssl.py --loss vicreg --multiscale --out runs/ms-vicreg
     python eval_linear.py --ckpt runs/ms-vicreg/checkpoint.pt --mode central
@@ -92,7 +93,7 @@ def resolve_args(argv=None):
     args.stem = common.default_stem(args.dataset, args.out_size)
     mean, std = common.data_stats(args.dataset)
     args.norm_mean, args.norm_std = list(mean), list(std)
-    args.blur = image > 32  # BYOL blur, off on 32 px data (SPEC 3.2, as solo-learn's CIFAR configs)
+    args.blur = image > 32  # BYOL blur, off on 32 px data (as solo-learn's CIFAR configs)
     if args.patches < 2:
         common.fail("--patches must be at least 2 (two views per image)")
     if args.warmup_epochs < 0:
@@ -187,7 +188,7 @@ def bag_loss(Z, T, args):
     """The --loss objective on view-major global projections Z [n, B, d] (BYOL: online
     predictions, with target projections T). Two-view losses average over the n(n-1)/2 pairs
     of views (n = 2 in the paper: the plain loss)."""
-    with torch.autocast(Z.device.type, enabled=False):  # covariance, softmax, log-det in float32 (SPEC 1.4)
+    with torch.autocast(Z.device.type, enabled=False):  # covariance, softmax, log-det in float32 under bf16
         Z = Z.float()
         if args.loss == "tcr":
             return tcr(Z, args.eps2, args.inv_weight)
@@ -204,7 +205,7 @@ def bag_loss(Z, T, args):
 
 def global_loss(z, t, args):
     """Gather this rank's view-major rows z [n*b, d] (and BYOL targets t) into the global batch
-    (gradients flow back to every rank, SPEC 1.6), then the loss."""
+    (gradients flow back to every rank, as the official VICReg code), then the loss."""
     n = args.patches
     Z = common.gather_views(z, n).reshape(n, -1, z.shape[1])
     T = common.gather_views(t, n).reshape(n, -1, t.shape[1]) if t is not None else None

@@ -1,4 +1,4 @@
-"""GPU benchmark of EMP-SSL (SPEC section 5; run on a CUDA GPU).
+"""GPU benchmark of EMP-SSL (run on a CUDA GPU).
 
 In one call, on the same patch tensor:
   - EMP-SSL training step throughput (patches/s) at --patches x --batch-size (20 x 100) in

@@ -1,4 +1,4 @@
-"""Benchmark (SPEC 5): is the data pipeline or the training step the bottleneck?
+"""Benchmark: is the data pipeline or the training step the bottleneck?
 
 1. Patches/s of our batched pipeline (common.sample_patches + common.augment on a uint8 image
    tensor, per-patch parameters) against a per-patch PIL pipeline written like the official

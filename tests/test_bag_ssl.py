@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import bag_ssl
 import common
+from probe_util import eval_result
 from dist_util import run_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -338,7 +339,7 @@ def random_bag_knn(tmp_path_factory):
     out = tmp_path_factory.mktemp("random")
     r = run(["eval_linear.py", "--ckpt", "random", "--out", str(out), *BAG_PROBE])
     assert r.returncode == 0, r.stderr
-    return json.load(open(out / "eval.json"))["knn"]["k20"]
+    return eval_result(out)["knn"]["k20"]
 
 
 @pytest.mark.parametrize("loss", list(LEARN))
@@ -355,5 +356,5 @@ def test_short_run_beats_random_init_under_the_bag_knn_probe(tmp_path, loss, ran
     assert ck["step"] == 30 * epochs and ck["args"]["patch_size"] == 14
     r = run(["eval_linear.py", "--ckpt", str(run_dir / "checkpoint.pt"), "--out", str(tmp_path / "trained"), *BAG_PROBE])
     assert r.returncode == 0, r.stderr
-    acc = json.load(open(tmp_path / "trained" / "eval.json"))["knn"]["k20"]
+    acc = eval_result(tmp_path / "trained")["knn"]["k20"]
     assert acc > random_bag_knn + 5, (acc, random_bag_knn)
