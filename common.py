@@ -1,4 +1,4 @@
-"""Shared toolbox for the effssl method scripts (see SPEC.md section 1).
+"""Shared toolbox for the effssl method scripts.
 
 Plain functions and small classes, grouped by section: errors, data, patches and augmentation,
 model, optimiser and schedule, distributed, checkpoint, logging and probes. Nothing here is a
@@ -554,12 +554,34 @@ def adjust_hue(x, f):
     return hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), 1))
 
 
+def matched_sigma(sigma, kernel_size, iters=30):
+    """The width s of a Gaussian sampled at the kernel's integer offsets (as torchvision's
+    gaussian_blur samples it) whose discrete variance is sigma^2, as PIL's GaussianBlur(radius=
+    sigma) has by construction. Sampling shrinks small blurs (sigma 0.5 gives std 0.46, 0.1 gives
+    none); from sigma ~1 on, s = sigma to 0.3 %. Bisection per sample, sigma [N] -> s [N]."""
+    sigma = sigma.double()
+    half = (kernel_size - 1) // 2
+    t2 = torch.arange(-half, half + 1, device=sigma.device, dtype=torch.float64)[None] ** 2
+    target = sigma.clamp(max=half / math.sqrt(3)) ** 2  # a K-tap kernel holds a variance below half^2 / 3
+    lo, hi = torch.full_like(sigma, 1e-3), sigma + 1.0 + 2 * half
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        w = torch.exp(-0.5 * t2 / mid[:, None] ** 2)
+        var = (w * t2).sum(1) / w.sum(1)
+        low = var < target
+        lo, hi = torch.where(low, mid, lo), torch.where(low, hi, mid)
+    return (lo + hi) / 2
+
+
 def gaussian_blur(x, sigma, kernel_size):
-    """Per-sample Gaussian blur with reflect padding, as torchvision's gaussian_blur."""
+    """Per-sample Gaussian blur with reflect padding: torchvision's gaussian_blur with each
+    sample's sigma replaced by matched_sigma, so that the blur's variance is sigma^2 as in PIL's
+    GaussianBlur (the official VICReg / EMP-SSL pipelines)."""
     n, c, h, w = x.shape
     half = (kernel_size - 1) * 0.5
     t = torch.linspace(-half, half, kernel_size, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t[None] / sigma.to(x.dtype)[:, None]) ** 2)
+    s = matched_sigma(sigma, kernel_size).to(x.dtype)
+    k = torch.exp(-0.5 * (t[None] / s[:, None]) ** 2)
     k = k / k.sum(1, keepdim=True)  # [N,K]
     pad = kernel_size // 2
     y = F.pad(x, [pad, pad, pad, pad], mode="reflect").reshape(1, n * c, h + 2 * pad, w + 2 * pad)

@@ -1,5 +1,6 @@
-"""Multi-view Barlow Twins / VICReg with a small projector ("Harnessing small projectors and
-multiple views for efficient vision pretraining", NeurIPS 2024).
+"""Multi-view Barlow Twins / VICReg with a small projector (Ghosh, Agrawal, Sodhani, Oberman,
+Richards, "Harnessing small projectors and multiple views for efficient vision pretraining",
+NeurIPS 2024, arXiv:2312.10725).
 
 Every image gets M augmented views (M = 2, 4, 8). Instead of comparing all M(M-1)/2 view pairs,
 each view is pulled towards the mean over views (Eq. 10: invariance to the sample estimate of the
@@ -7,10 +8,10 @@ view-averaging operator), which costs O(M). A 256-d projector suffices when the 
 weight lam is raised (Sec. 3.3, 4.1). With more views, a fraction of the data set reaches the
 accuracy of 2 views on all of it (Sec. 4.3).
 
-Paper: papers/multiaug_ssl.md; the loss follows the authors' public code (github.com/kumarkrishna/
-fastssl) as SPEC 3.3 writes it out. CIFAR-10, 4 views, Barlow Twins, pdim 256, 100 epochs (Fig. 3):
+The loss follows the authors' public code (github.com/kumarkrishna/fastssl), which writes Eq. (10)
+out for Barlow Twins and VICReg. CIFAR-10, 4 views, Barlow Twins, pdim 256, 100 epochs (Fig. 3):
     python multiaug_ssl.py --views 4 --loss barlow --out runs/ma4
-    python eval_linear.py --ckpt runs/ma4/checkpoint.pt --mode views --views 16 --linear-opt adam
+    python eval_linear.py --ckpt runs/ma4 --mode views --views 16 --linear-opt adam
 Sample efficiency (Sec. 4.3): --views 8 --train-fraction 0.25 against --views 2 on all images.
 Multi-GPU (batch is global): torchrun --nproc_per_node=2 multiaug_ssl.py --dataset in100
 
@@ -88,11 +89,22 @@ RECIPES = {"stl10": dict(batch_size=100, out_size=64, scale=(0.2, 1.0), p_gray=0
 
 
 def resolve_defaults(args):
-    """Fill the flags left unset from --dataset's recipe (RECIPES) and lambda from default_lam."""
+    """Check the method's flags (before the run folder is made), fill the flags left unset from
+    --dataset's recipe (RECIPES) and lambda from default_lam."""
+    if args.views < 2:
+        common.fail("--views must be at least 2")
+    if not 0 < args.train_fraction <= 1:
+        common.fail("--train-fraction must be in (0, 1]")
+    if args.pdim <= 1:
+        common.fail("--pdim must be at least 2")
     recipe = RECIPES.get(args.dataset, RECIPES[None])
     for k, v in recipe.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if not 0 <= args.p_gray <= 1:
+        common.fail("--p-gray must be in [0, 1]")
+    if not 0 < args.scale[0] <= args.scale[1] <= 1:
+        common.fail("--scale takes two numbers 0 < lo <= hi <= 1")
     if args.lam is None:
         args.lam = default_lam(args.views, args.train_fraction, args.pdim, args.dataset)
     return args
@@ -227,19 +239,9 @@ def train_fraction_indices(n, fraction, seed=0):
 
 
 def main(argv=None):
-    args = common.resolve_common(parse_args(argv), "multiaug_ssl")
-    if args.views < 2:
-        common.fail("--views must be at least 2")
+    args = common.resolve_common(parse_args(argv), "multiaug_ssl")  # parse_args checks the method's flags
     if args.schedule_epochs is not None:
         common.fail("--schedule-epochs: multiaug_ssl trains at a constant learning rate (App. D), it has no schedule")
-    if not 0 < args.train_fraction <= 1:
-        common.fail("--train-fraction must be in (0, 1]")
-    if args.pdim <= 1:
-        common.fail("--pdim must be at least 2")
-    if not 0 <= args.p_gray <= 1:
-        common.fail("--p-gray must be in [0, 1]")
-    if not 0 < args.scale[0] <= args.scale[1] <= 1:
-        common.fail("--scale takes two numbers 0 < lo <= hi <= 1")
     args.arch = args.arch or ("resnet18" if args.dataset == "in100" else "resnet50")
     rank, world, device = common.init_distributed()
     torch.manual_seed(args.seed)

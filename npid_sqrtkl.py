@@ -1,15 +1,17 @@
-"""NPID + SqrtKL: efficient single-branch instance discrimination (Cao & Wu 2023).
+"""NPID + SqrtKL: efficient single-branch instance discrimination (Cao & Wu, "On Improving the
+Algorithm-, Model-, and Data- Efficiency of Self-Supervised Learning", 2024, arXiv:2404.19289).
 
 One augmented crop of each image per step goes through one network; every training image is its
-own class, represented by a row of a memory bank W (NPID, Wu et al. 2018). Three changes to NPID:
+own class, represented by a row of a memory bank W (NPID, Wu et al. 2018, arXiv:1805.01978). Three changes to NPID:
 the bank starts from the untrained network's features (Feature Calibrate, Sec. 3.2), bank rows
 move along the negative gradient of the batch's loss rather than towards their own feature only
 (Grad Update, Eq. 5-6), and a self-distillation term KL(p || sqrt(p)/sum sqrt(p)) spreads the
 gradient over many rows (SqrtKL, Eq. 7 and 13).
 
-Paper: papers/npid_sqrtkl.md. CIFAR-10, ResNet-18, 400 epochs (91.1 % linear, Table 1):
+CIFAR-10, ResNet-18, 400 epochs (91.1 % linear, Table 1; the paper's linear probe follows SSQL:
+augmented train images every epoch, SGD lr 30, eval_linear.py --linear-aug):
     python npid_sqrtkl.py --out runs/npid
-    python eval_linear.py --ckpt runs/npid/checkpoint.pt --mode central
+    python eval_linear.py --ckpt runs/npid --mode central --linear-aug
 Table 6 rows: --no-calibrate, --no-grad-update, --lam 0. Multi-GPU (batch is global):
     torchrun --nproc_per_node=4 npid_sqrtkl.py --dataset in100
 

@@ -344,7 +344,7 @@ def random_bag_knn(tmp_path_factory):
 
 @pytest.mark.parametrize("loss", list(LEARN))
 def test_short_run_beats_random_init_under_the_bag_knn_probe(tmp_path, loss, random_bag_knn):
-    """SPEC 4: on synthetic, a short run of every loss (30 steps of 32 images an epoch, the
+    """On synthetic, a short run of every loss (30 steps of 32 images an epoch, the
     whole warm-up + cosine schedule) lifts the 4-patch bag k-NN accuracy above a random
     ResNet-18's under the same probe."""
     epochs, extra = LEARN[loss]

@@ -360,3 +360,10 @@ def test_product_files_cite_papers_not_the_workshop():
     hits = [f"{f}:{i + 1}" for f in files for i, line in enumerate(open(os.path.join(ROOT, f), errors="ignore"))
             if bad.search(line)]
     assert not hits, hits
+
+
+def test_eval_takes_download_as_the_missing_data_hint_says(tmp_path, capsys):
+    code, _, err = call(eval_linear.main, ["--ckpt", "random", "--dataset", "stl10", "--data-dir",
+                                           str(tmp_path / "none"), "--probe", "knn"], capsys)
+    one_error_line(code, err, "pass --download")
+    assert eval_linear.parse_args(["--ckpt", "random", "--download"]).download

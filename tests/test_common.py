@@ -77,15 +77,65 @@ def test_grayscale_flip_solarize_equal_torchvision():
 def test_gaussian_blur_per_sample_sigma_equals_torchvision(size):
     x = images(5, size)
     sigma = torch.tensor([0.1, 0.5, 1.0, 1.7, 2.0])
-    k = common.blur_kernel_size(size)
-    assert k % 2 == 1 and k == {32: 3, 64: 7}[size]
+    k = common.blur_kernel_size(sigma.max(), size)  # one kernel for the batch, from the largest sigma
+    assert k == 13
     y = common.gaussian_blur(x, sigma, k)
+    s = common.matched_sigma(sigma, k)  # the sampled Gaussian's width whose variance is sigma^2
+    assert (s >= sigma).all() and (s - sigma)[2:].abs().max() < 0.015  # sigma >= 1: nearly sigma itself
     for b in range(len(x)):
-        close(y[b], TF.gaussian_blur(x[b], [k, k], [float(sigma[b])] * 2))
+        close(y[b], TF.gaussian_blur(x[b], [k, k], [float(s[b])] * 2), 1e-5)
 
 
-def test_blur_kernel_size_is_about_a_tenth_of_the_side():
-    assert [common.blur_kernel_size(s) for s in (16, 32, 64, 96, 224)] == [3, 3, 7, 9, 23]
+def test_blur_kernel_size_covers_three_sigma_and_is_capped_at_the_side():
+    # 2 ceil(3 sigma) + 1 taps
+    assert [common.blur_kernel_size(s, 224) for s in (0.1, 0.5, 1.0, 1.01, 2.0, 5.0)] == [3, 5, 7, 9, 13, 31]
+    # capped at the largest odd size <= the side (reflect padding needs pad < side)
+    assert [common.blur_kernel_size(2.0, s) for s in (8, 9, 12, 13, 32)] == [7, 9, 11, 13, 13]
+    assert common.blur_kernel_size(torch.tensor(1.0), 32) == 7  # a 0-d tensor works too
+
+
+def pil_blur_std(sigma, size=32):
+    """Standard deviation of PIL's ImageFilter.GaussianBlur(radius=sigma) point-spread, measured.
+    PIL blurs only 8-bit images (mode "F" raises "image has wrong mode"): it runs 3 extended box
+    blurs per axis whose variances add up to sigma^2, rounding to uint8 after every pass. A single
+    255 pixel spreads to values < 1 that round away (244 of 255 survive at sigma 1, biasing the
+    std low), so the impulse is a whole row of 255: the horizontal passes leave it unchanged and
+    the vertical profile is the 1-D point-spread with a peak 255 / (sqrt(2 pi) sigma) (~51 at
+    sigma 2) instead of ~10."""
+    from PIL import Image, ImageFilter
+    import numpy as np
+    a = np.zeros((size, size), np.uint8)
+    a[size // 2] = 255
+    out = np.asarray(Image.fromarray(a, "L").filter(ImageFilter.GaussianBlur(radius=sigma)), np.float64)
+    profile = out[:, size // 2]
+    d = np.arange(size) - size // 2
+    return math.sqrt((profile * d ** 2).sum() / profile.sum())
+
+
+def blur_std(sigma, size=32):
+    """Per-axis std of our blur of a float impulse at the centre: sqrt of the second moment about
+    the centre along one axis (the kernel is separable and isotropic)."""
+    x = torch.zeros(1, 1, size, size, dtype=torch.float64)
+    x[..., size // 2, size // 2] = 1.0
+    s = torch.tensor([float(sigma)], dtype=torch.float64)
+    y = common.gaussian_blur(x, s, common.blur_kernel_size(sigma, size))[0, 0]
+    d = (torch.arange(size, dtype=torch.float64) - size // 2) ** 2
+    return math.sqrt((y.sum(1) * d).sum().item() / y.sum().item())
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.5, 1.0, 2.0])
+def test_blur_of_an_impulse_has_std_sigma_and_so_has_pils(sigma):
+    # ours: the discrete kernel's variance is sigma^2 (matched_sigma), measured on a blurred impulse
+    assert abs(blur_std(sigma) - sigma) < 1e-6
+    # PIL's box cascade has variance sigma^2 by construction (up to its uint8 rounding)
+    if sigma >= 0.5:
+        assert abs(pil_blur_std(sigma) - sigma) <= 0.02 * sigma
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
+def test_blur_std_matches_pil_gaussian_blur_within_5_percent(sigma):
+    ours, pil = blur_std(sigma), pil_blur_std(sigma)
+    assert abs(ours - pil) <= 0.05 * pil, (ours, pil)
 
 
 def torchvision_composition(img, p, b):
@@ -101,9 +151,9 @@ def torchvision_composition(img, p, b):
             img = ops[j](img)
     if p["gray"][b]:
         img = TF.rgb_to_grayscale(img, num_output_channels=3)
-    if p["blur"][b]:
-        k = common.blur_kernel_size(img.shape[-1])
-        img = TF.gaussian_blur(img, [k, k], [float(p["sigma"][b])] * 2)
+    if p["blur"][b]:  # apply_augment's one kernel size: from the largest sigma among the blurred samples
+        k = common.blur_kernel_size(p["sigma"][p["blur"]].max(), img.shape[-1])
+        img = TF.gaussian_blur(img, [k, k], [float(common.matched_sigma(p["sigma"][b:b + 1], k))] * 2)
     if p["solarize"][b]:
         img = TF.solarize(img, 0.5)
     return img

@@ -1,5 +1,5 @@
 """emp_ssl.py: the loss of Eq. (1)-(2) against float64 re-computations written here from the
-paper / SPEC 3.1 (both forms of the log-det, the closed form of orthonormal rows, the sign),
+paper (both forms of the log-det, the closed form of orthonormal rows, the sign),
 the global batch under 2-process gloo, --grad-checkpoint, float32 loss under bf16, the CLI
 (logs, checkpoint read by eval_linear.py, beating the random-init probe, torchrun, resume,
 user errors, non-finite loss) and the per-data-set defaults."""
@@ -364,7 +364,7 @@ def test_batch_not_divisible_over_ranks_is_one_line_exit_2(tmp_path):
 
 def test_non_finite_loss_stops_with_the_step_number(tmp_path, capsys, fast_synthetic):
     """A huge learning rate: LARS bounds the matrices' steps, but BatchNorm weights and biases
-    (plain SGD, SPEC 1.4) overflow and the next loss is NaN. The last good checkpoint stays."""
+    (plain SGD, as the official LARS wrapper) overflow and the next loss is NaN. The last good checkpoint stays."""
     out = tmp_path / "run"
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:

@@ -1,6 +1,7 @@
 """multiaug_ssl.py: the multi-view losses of Eq. (10) against float64 re-computations written
-here from SPEC 3.3, the two-view special cases, the global-batch statistics under 2-process
-gloo, --train-fraction, resume, and a short run beating the random-init probe."""
+here from the authors' code (Ghosh et al. 2024, arXiv:2312.10725), the two-view special cases,
+the global-batch statistics under 2-process gloo, --train-fraction, the defaults of the authors'
+scripts, the projector's bias, resume, and a short run beating the random-init probe."""
 import json
 import os
 import subprocess
@@ -11,13 +12,14 @@ import torch
 import torch.nn.functional as F
 
 import common
+from probe_util import eval_result
 import multiaug_ssl as ma
 from dist_util import run_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# --- float64 references, written from the SPEC (loops, no code shared with multiaug_ssl) ---------
+# --- float64 references, written from the equations (loops, no code shared with multiaug_ssl) ----
 
 
 def _offdiag_sq(C):
@@ -26,7 +28,8 @@ def _offdiag_sq(C):
 
 
 def ref_barlow(Z, lam):
-    """SPEC 3.3 barlow, float64: L2-normalise rows, ONE per-dim mean/std over all M*B rows,
+    """Barlow Twins form of Eq. (10) as the authors' code computes it, float64: L2-normalise
+    rows, ONE per-dim mean/std over all M*B rows,
     Z_bar = mean of views; M > 2: sum_a sum_k (C_a[k,k]-1)^2 / M + lam * offdiag(C_bar)^2;
     M = 2: each view against the other (the authors' loop over both pairings, averaged)."""
     Z = Z.double()
@@ -68,7 +71,8 @@ def _vic_pair(X, Y, sim=25.0, std=25.0, cov=1.0):
 
 
 def ref_vicreg(Z):
-    """SPEC 3.3 vicreg, float64: view a against the mean Y_a of the OTHER views, summed over a, / M."""
+    """VICReg form of Eq. (10) as the authors' code computes it, float64: view a against the
+    mean Y_a of the OTHER views, summed over a, / M."""
     Z = Z.double()
     M = Z.shape[0]
     total = 0.0
@@ -171,7 +175,7 @@ def test_train_fraction_indices_are_fixed_nested_and_sized():
     assert len(ma.train_fraction_indices(10000, 1.0)) == 10000
 
 
-def test_flags_reach_args_and_lam_defaults_follow_views():
+def test_flags_reach_args_and_cifar_defaults_are_the_authors_scripts():
     args = ma.parse_args(["--views", "8", "--pdim", "64", "--lam", "0.005", "--loss", "vicreg",
                           "--train-fraction", "0.25", "--sim-coeff", "10"])
     assert (args.views, args.pdim, args.lam, args.loss, args.train_fraction, args.sim_coeff) == \
@@ -179,7 +183,86 @@ def test_flags_reach_args_and_lam_defaults_follow_views():
     d = ma.parse_args([])
     assert (d.views, d.pdim, d.loss, d.lr, d.weight_decay, d.batch_size, d.epochs) == \
         (2, 256, "barlow", 1e-3, 1e-6, 128, 100)
-    assert ma.default_lam(2) == 0.02 and ma.default_lam(4) == 0.01 and ma.default_lam(8) == 0.01
+    # CifarTransformFFCV: crops of the image side, scale (0.08, 1), grayscale 0.2
+    assert (d.out_size, tuple(d.scale), d.p_gray, d.lam) == (None, (0.08, 1.0), 0.2, 0.02)
+
+
+# the authors' multiPatch_barlowTwins_*results.sh: (data set, views, fraction, pdim, lambda)
+AUTHORS_LAM = [("cifar10", 2, 1.0, 256, 0.02), ("cifar10", 2, 1.0, 8192, 8e-4),
+               ("cifar10", 4, 1.0, 256, 0.01), ("cifar10", 4, 1.0, 8192, 4e-4),
+               ("cifar10", 8, 1.0, 256, 0.01), ("cifar10", 8, 1.0, 8192, 4e-4),
+               ("cifar10", 4, 0.5, 256, 0.01), ("cifar10", 4, 0.5, 8192, 8e-4),
+               ("cifar10", 8, 0.25, 256, 0.006), ("cifar10", 8, 0.25, 8192, 4e-4),
+               ("stl10", 2, 1.0, 256, 0.008), ("stl10", 2, 1.0, 8192, 4e-4), ("stl10", 4, 1.0, 256, 0.001),
+               ("stl10", 4, 0.5, 256, 0.002), ("stl10", 8, 0.25, 256, 0.006)]
+
+
+@pytest.mark.parametrize("dataset,views,fraction,pdim,lam", AUTHORS_LAM)
+def test_lam_default_is_the_authors_value_through_the_command_line(dataset, views, fraction, pdim, lam):
+    assert ma.default_lam(views, fraction, pdim, dataset) == lam
+    args = ma.parse_args(["--dataset", dataset, "--views", str(views), "--train-fraction", str(fraction),
+                          "--pdim", str(pdim)])
+    assert args.lam == lam
+    assert ma.parse_args(["--dataset", dataset, "--views", str(views), "--lam", "0.5"]).lam == 0.5  # the flag wins
+
+
+def test_lam_default_off_the_table_follows_the_nearest_row_and_pdim():
+    lam = ma.default_lam
+    # other data sets take CIFAR-10's rows; untuned fractions the full-data row; view counts the
+    # nearest tuned one on a log scale
+    assert lam(4, 0.5, 256, "in100") == lam(4, 0.5, 256, "synthetic") == 0.01
+    assert lam(8, 0.5, 256) == lam(8, 1.0, 256) == 0.01 and lam(4, 0.25, 8192) == 4e-4
+    assert lam(3) == lam(4) == 0.01 and lam(16, 1.0, 8192) == 4e-4 and lam(2, 0.25) == 0.02
+    assert lam(8, 1.0, 256, "stl10") == 0.001  # STL-10 has no full-data 8-view row: its 4-view one
+    # between the tuned pdim, a power law through them: 2 views, pdim 1024 = 256 * 32^(2/5)
+    assert lam(2, 1.0, 1024) == pytest.approx(0.02 * (8e-4 / 0.02) ** 0.4, rel=1e-12)
+    assert lam(4, 0.5, 2048) == pytest.approx(0.01 * (8e-4 / 0.01) ** 0.6, rel=1e-12)
+    # beyond them lambda * p / pdim
+    assert lam(2, 1.0, 64) == pytest.approx(0.08) and lam(8, 0.25, 16384) == pytest.approx(2e-4)
+    assert lam(4, 1.0, 8192, "stl10") == pytest.approx(0.001 / 32)
+
+
+def test_stl10_takes_the_authors_stl_recipe_and_flags_override_it():
+    # STLTransformFFCV: 64 px crops of scale (0.2, 1), grayscale 0.1; the STL-10 scripts' batch 100
+    s = ma.parse_args(["--dataset", "stl10"])
+    assert (s.batch_size, s.out_size, tuple(s.scale), s.p_gray, s.lam) == (100, 64, (0.2, 1.0), 0.1, 0.008)
+    o = ma.parse_args(["--dataset", "stl10", "--batch-size", "64", "--out-size", "96", "--scale", "0.08", "1",
+                       "--p-gray", "0.3"])
+    assert (o.batch_size, o.out_size, tuple(o.scale), o.p_gray) == (64, 96, (0.08, 1.0), 0.3)
+    c = ma.parse_args(["--dataset", "cifar10", "--out-size", "24"])
+    assert (c.batch_size, c.out_size, tuple(c.scale), c.p_gray) == (128, 24, (0.08, 1.0), 0.2)
+
+
+def test_projector_last_linear_has_a_bias_that_the_barlow_loss_sees():
+    torch.manual_seed(0)
+    net = ma.MultiViewNet("resnet18", "cifar", 16)
+    sd = net.state_dict()
+    # Linear(no bias) -> BN -> ReLU -> Linear(bias), as the authors' BackBone.build_projector
+    assert "projector.3.bias" in sd and "projector.0.bias" not in sd
+    assert sd["projector.3.bias"].shape == (16,)
+    # L2-normalising the rows before the per-dimension standardisation makes the loss depend on
+    # a constant bias: it is no reparametrisation
+    head = net.projector.eval()
+    h = torch.randn(3 * 12, net.backbone.dim)
+    with torch.no_grad():
+        head[3].bias.zero_()
+        Z0 = head(h).reshape(3, 12, 16)
+        head[3].bias.copy_(torch.linspace(-1, 1, 16))
+        Z1 = head(h).reshape(3, 12, 16)
+    for M in (2, 3):
+        l0, l1 = ma.barlow_loss(Z0[:M], 0.01)[0], ma.barlow_loss(Z1[:M], 0.01)[0]
+        assert abs(l0 - l1) > 1e-3 * abs(l0), (M, l0, l1)
+    # VICReg, on the raw output, is blind to it (every term is a difference or a centred moment)
+    assert torch.allclose(ma.vicreg_loss(Z0)[0], ma.vicreg_loss(Z1)[0], rtol=1e-5)
+
+
+def test_common_projector_bias_pair_and_bool_keep_their_meaning():
+    def biases(p):
+        return [m.bias is not None for m in p if isinstance(m, torch.nn.Linear)]
+    assert biases(common.projector(8, "16-16-4")) == [True, True, True]
+    assert biases(common.projector(8, "16-16-4", bias=False)) == [False, False, False]
+    assert biases(common.projector(8, "16-16-4", bias=(False, True))) == [False, False, True]
+    assert biases(common.projector(8, "16-4", bias=[True, False])) == [True, False]
 
 
 def _start(args, env=None, script="multiaug_ssl.py"):
@@ -210,9 +293,16 @@ def test_run_with_fraction_views_and_vicreg_writes_a_probeable_checkpoint(tmp_pa
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     a = ck["args"]
     assert a["train_images"] == 32 and ck["step"] == 4  # 32 images / batch 8
-    assert (a["views"], a["loss"], a["lam"], a["pdim"], a["patch_size"], a["out_size"]) == (4, "vicreg", 0.01, 32, None, 16)
+    assert (a["views"], a["loss"], a["pdim"], a["patch_size"], a["out_size"]) == (4, "vicreg", 32, None, 16)
+    assert a["lam"] == ma.default_lam(4, 0.25, 32, "synthetic") == pytest.approx(0.08)  # 0.01 * 256 / 32
     assert a["norm_mean"] == list(common.data_stats("synthetic")[0]) and a["proj"] == "32-32"
     assert ck["model"]["projector.3.weight"].shape == (32, 32) and "projector.0.bias" not in ck["model"]
+    assert ck["model"]["projector.3.bias"].shape == (32,)
+    # eval_linear rebuilds the projector as common.projector(dim, args["proj"], bias=args["proj_bias"])
+    # and loads it strictly: the args must say which Linears have a bias
+    assert a["proj_bias"] == [False, True]
+    proj = common.projector(2048 if a["arch"] == "resnet50" else 512, a["proj"], bias=a["proj_bias"])
+    proj.load_state_dict({k[len("projector."):]: v for k, v in ck["model"].items() if k.startswith("projector.")})
     assert json.loads((out / "args.json").read_text())["train_fraction"] == 0.25
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
     for bad in (["--views", "1"], ["--train-fraction", "0"], ["--p-gray", "2"]):
@@ -283,7 +373,7 @@ def test_two_process_gloo_equals_one_process_on_concatenated_batch():
             assert torch.allclose(g_r / world, Z.grad[:, rank * b:(rank + 1) * b], rtol=1e-4, atol=1e-7), (kind, M)
 
 
-# --- learning check (SPEC 4) --------------------------------------------------------------------
+# --- learning check -----------------------------------------------------------------------------
 
 PROBE = ["--dataset", "synthetic", "--mode", "central", "--out-size", "32", "--probe", "knn", "--knn-k", "20",
          "--subset", "500", "--test-subset", "250"]
@@ -308,5 +398,5 @@ def test_short_run_beats_random_init_under_the_same_central_knn_probe(tmp_path):
     assert rnd.returncode == 0, rnd.stderr[-2000:]
     import eval_linear
     eval_linear.main(["--ckpt", str(tmp_path / "run" / "checkpoint.pt"), *PROBE, "--out", str(tmp_path / "trained")])
-    acc = {k: json.loads((tmp_path / k / "eval.json").read_text())["knn"]["k20"] for k in ("trained", "random")}
+    acc = {k: eval_result(tmp_path / k)["knn"]["k20"] for k in ("trained", "random")}
     assert acc["trained"] > acc["random"] + MARGIN, acc

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+from probe_util import eval_result
 import npid_sqrtkl as npid
 from dist_util import run_world
 
@@ -142,11 +143,12 @@ def test_grad_update_is_eq5_and_the_negative_bank_gradient():
     assert torch.equal(bank[rest], W[rest]) and torch.equal(plain[rest], W[rest])
 
 
-def _untrained_features(images, out_size, blocks=1, seed=0):
+def _untrained_features(images, out_size, blocks=1, seed=0, bn="train"):
     """The untrained network's normalised features, written out here: train-mode BatchNorm (batch
-    statistics) over `blocks` equal blocks of the images in order, whole image."""
+    statistics) over `blocks` equal blocks of the images in order, or eval-mode BatchNorm (the
+    initial running statistics, mean 0 and variance 1), whole image."""
     torch.manual_seed(seed)
-    net = npid.NPIDNet("resnet18", "cifar", "128").train()
+    net = npid.NPIDNet("resnet18", "cifar", "128").train(bn == "train")
     mean, std = common.data_stats("synthetic")
     x = F.interpolate(images.float() / 255, size=(out_size, out_size), mode="bilinear", align_corners=False)
     x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
@@ -155,22 +157,85 @@ def _untrained_features(images, out_size, blocks=1, seed=0):
         return torch.cat([F.normalize(net(x[a:b]), dim=1) for a, b in zip(cut, cut[1:])])
 
 
-def test_feature_calibrate_fills_every_row_with_the_untrained_features():
+def _calibrated(bn, was_training=True):
     train = common.synthetic_set("train").subset(torch.arange(40))
     torch.manual_seed(0)
-    model = npid.NPIDNet("resnet18", "cifar", "128")
+    model = npid.NPIDNet("resnet18", "cifar", "128").train(was_training)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     mean, std = common.data_stats("synthetic")
-    bank = npid.calibrate(model, train, 8, mean, std, torch.device("cpu"), chunk=16)
+    bank = npid.calibrate(model, train, 8, mean, std, torch.device("cpu"), chunk=16, bn=bn)
+    assert model.training == was_training  # mode restored, and BatchNorm running statistics restored
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    return bank, train
+
+
+def test_feature_calibrate_train_bn_fills_every_row_with_block_statistics_features():
+    bank, train = _calibrated("train", was_training=True)
     assert bank.shape == (40, 128)
     assert torch.allclose(bank.norm(dim=1), torch.ones(40), atol=1e-5)
     # 40 images in blocks of about 16: three blocks of 13, 13, 14, each normalised by its own statistics
     assert torch.allclose(bank, _untrained_features(train.images, 8, blocks=3), atol=1e-5)
     assert not torch.allclose(bank, _untrained_features(train.images, 8, blocks=1), atol=1e-3)
-    # train-mode features tell the images apart; eval mode with untouched running statistics does not
-    assert (bank @ bank.T).mean() < 0.9
-    assert model.training  # mode restored, and BatchNorm running statistics restored
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_feature_calibrate_eval_bn_fills_every_row_with_running_statistics_features():
+    bank, train = _calibrated("eval", was_training=False)  # an eval-mode model stays in eval mode
+    assert bank.shape == (40, 128)
+    assert torch.allclose(bank.norm(dim=1), torch.ones(40), atol=1e-5)
+    # each image on its own: the three blocks of calibrate give what one batch of all 40 gives
+    assert torch.allclose(bank, _untrained_features(train.images, 8, bn="eval"), atol=1e-5)
+    # the initial running statistics (mean 0, variance 1) tell the images apart less than batch
+    # statistics do (mean pairwise cosine 0.92 against 0.43 here)
+    train_bank = _calibrated("train")[0]
+    assert (bank @ bank.T).mean() > (train_bank @ train_bank.T).mean() + 0.2
+
+
+def _calibrate_worker(rank, world):
+    train = common.synthetic_set("train").subset(torch.arange(40))
+    mean, std = common.data_stats("synthetic")
+    banks = {}
+    for bn in ("train", "eval"):
+        torch.manual_seed(0)
+        model = npid.NPIDNet("resnet18", "cifar", "128")
+        banks[bn] = npid.calibrate(model, train, 8, mean, std, torch.device("cpu"), chunk=16, bn=bn)
+    return banks
+
+
+def test_two_process_calibrate_gives_the_one_process_bank_in_both_bn_modes():
+    """Rank 0 takes blocks 0 and 2, rank 1 block 1; the summed bank is every rank's and equals the
+    one-process bank and the direct computation."""
+    r0, r1 = run_world(_calibrate_worker, 2)
+    for bn, blocks in (("train", 3), ("eval", 1)):
+        assert torch.equal(r0[bn], r1[bn]), bn
+        one, train = _calibrated(bn)
+        assert torch.allclose(r0[bn], one, atol=1e-6), bn
+        assert torch.allclose(r0[bn], _untrained_features(train.images, 8, blocks=blocks, bn=bn), atol=1e-5), bn
+
+
+def test_augmentation_and_calibrate_flags_reach_the_run(tmp_path, monkeypatch):
+    d = npid.parse_args([])
+    # NPID's CIFAR augmentation (lemniscate.pytorch cifar.py: flip commented out); BatchNorm train
+    assert (tuple(d.jitter), d.p_jitter, d.p_gray, d.flip, d.calibrate_bn) == ((0.4,) * 4, 1.0, 0.2, 0.0, "train")
+    seen = []
+
+    class Recording(common.AugConfig):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            seen.append(self)
+
+    monkeypatch.setattr(common, "AugConfig", Recording)
+    npid.main(TINY + ["--epochs", "1", "--max-steps", "1", "--jitter", "0.1", "0.2", "0.3", "0.05", "--p-jitter", "0.5",
+                      "--p-gray", "0.3", "--flip", "0.25", "--calibrate-bn", "eval", "--out", str(tmp_path / "r")])
+    cfg = seen[-1]
+    assert (tuple(cfg.jitter), cfg.p_jitter, cfg.p_gray, cfg.flip) == ((0.1, 0.2, 0.3, 0.05), 0.5, 0.3, 0.25)
+    assert (cfg.p_blur, cfg.p_solarize) == (0.0, 0.0)
+    # --calibrate-bn eval: the rows the first step did not touch hold the eval-mode features
+    train = common.synthetic_set("train").subset(common.subset_indices(10000, 48))
+    rest = torch.ones(48, dtype=torch.bool)
+    rest[next(common.epoch_batches(train, 16, 0, 0))[2]] = False
+    bank = _bank(tmp_path / "r")["state"]["bank"]
+    assert torch.allclose(bank[rest], _untrained_features(train.images, 8, bn="eval")[rest], atol=1e-5)
+    assert _bank(tmp_path / "r")["args"]["calibrate_bn"] == "eval"
 
 
 def test_table6_flags_change_what_table6_says(tmp_path):
@@ -212,6 +277,10 @@ def test_bad_flags_are_one_line_errors():
         npid.main(TINY + ["--temperature", "0", "--out", "/nonexistent"])
     with pytest.raises(common.UserError):
         npid.main(TINY + ["--bank-momentum", "1", "--out", "/nonexistent"])
+    for bad in (["--jitter", "0.4", "-0.1", "0.4", "0.4"], ["--jitter", "0.4", "0.4", "0.4", "0.6"],
+                ["--p-jitter", "1.5"], ["--p-gray", "-0.1"], ["--flip", "2"]):
+        with pytest.raises(common.UserError):
+            npid.parse_args(bad)
 
 
 # --- distributed ---------------------------------------------------------------------------------------
@@ -295,7 +364,7 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path):
                                    rtol=1e-5, atol=1e-6)
 
 
-# --- learning check (SPEC 4) --------------------------------------------------------------------
+# --- learning check -----------------------------------------------------------------------------
 
 PROBE = ["--dataset", "synthetic", "--mode", "central", "--out-size", "32", "--probe", "knn", "--knn-k", "20",
          "--subset", "500", "--test-subset", "250"]
@@ -323,5 +392,5 @@ def test_short_run_beats_random_init_under_the_same_central_knn_probe(tmp_path):
     assert rnd.returncode == 0, rnd_err[-2000:]
     import eval_linear
     eval_linear.main(["--ckpt", str(tmp_path / "run" / "checkpoint.pt"), *PROBE, "--out", str(tmp_path / "trained")])
-    acc = {k: json.loads((tmp_path / k / "eval.json").read_text())["knn"]["k20"] for k in ("trained", "random")}
+    acc = {k: eval_result(tmp_path / k)["knn"]["k20"] for k in ("trained", "random")}
     assert acc["trained"] > acc["random"] + MARGIN, acc

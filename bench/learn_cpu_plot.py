@@ -1,0 +1,57 @@
+"""The picture of bench/learn_cpu.py: k-NN accuracy against training CPU minutes for each method,
+with its random-init accuracy as a dashed line, one panel per probe (central 16 px, 8-patch bag).
+
+    python bench/learn_cpu_plot.py [--rows results/learn_cpu.jsonl] [--seed 0] [--out results/learn_cpu.png]
+
+Needs matplotlib (pip install matplotlib). Takes the newest protocol-2 row of each method.
+"""
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default=os.path.join(ROOT, "results", "learn_cpu.jsonl"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "learn_cpu.png"))
+    args = p.parse_args()
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("error: the plot needs matplotlib: pip install matplotlib", file=sys.stderr)
+        sys.exit(2)
+    rows = {}
+    with open(args.rows) as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("protocol") == 2 and r.get("seed", 0) == args.seed:
+                rows[r["method"]] = r  # the newest row of each method
+    if not rows:
+        print(f"error: no protocol-2 rows of seed {args.seed} in {args.rows}", file=sys.stderr)
+        sys.exit(2)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, probe in zip(axes, ("central", "bag")):
+        for i, (m, r) in enumerate(sorted(rows.items())):
+            c = f"C{i}"
+            xs = [0.0] + [pt["cpu_minutes"] for pt in r["curve"]]
+            ys = [r["curve"][0][f"{probe}_random"]] + [pt[probe] for pt in r["curve"]]
+            ax.plot(xs, ys, marker="o", ms=3, color=c, label=m)
+            ax.axhline(r["curve"][0][f"{probe}_random"], color=c, ls="--", lw=0.8)
+        ax.set_title(f"{probe} probe ({'whole image at 16 px' if probe == 'central' else '8 patches 16 -> 16 px'})")
+        ax.set_xlabel("training CPU minutes (2 cores)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("k-NN k=20 top-1 (%), 2,000 / 1,000 CIFAR-10 images")
+    axes[0].legend(fontsize=8, title="dashed: random init", title_fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
