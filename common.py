@@ -1033,12 +1033,15 @@ def check_run_folder(args):
         fail(f"{out} already holds a run (checkpoint.pt): pass --resume to continue it, or choose another --out")
     if not is_main() or int(os.environ.get("RANK", "0")) != 0:
         return
+    made = not os.path.exists(out)
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, f".write-test{os.getpid()}")
         with open(probe, "w"):
             pass
         os.remove(probe)
+        if made:  # the run makes it when it starts: a later user error leaves nothing behind
+            os.rmdir(out)
     except OSError as e:
         fail(f"cannot write to --out {out} ({e.strerror})")
 

@@ -16,6 +16,7 @@ Paper: Tong, Chen, Ma, LeCun, "EMP-SSL: Towards Self-Supervised Learning in One 
 The paper recipe holds 200 x 100 = 20,000 patches a step: a GPU's work (README, "What the paper
 recipes cost"). Multi-GPU (batch is global): torchrun --nproc_per_node=4 emp_ssl.py --dataset in100
 """
+import functools
 import os
 
 import torch
@@ -42,7 +43,11 @@ def parse_args(argv=None):
     a("--eps2", type=float, default=0.2, help="epsilon^2 of the coding rate (Eq. 1: 0.2)")
     a("--proj", default="4096-512", help="projector dims (Sec. 2: 4096-512; official code: 4096-4096-1024)")
     a("--eta", type=float, default=0.005, help="LARS trust coefficient (official code: 0.005)")
-    a("--grad-checkpoint", action="store_true", help="recompute backbone activations in backward (200 patches on one GPU)")
+    a("--grad-checkpoint", action="store_true", help="recompute backbone activations in backward (CIFAR: 200 patches x batch 100 on one GPU; in100 needs several)")
+    a("--patch-sampler", default="paper", choices=["paper", "official"],
+      help="paper: n patch-size crops of the resized, centre-cropped image (Sec. 2); official: the authors' "
+           "code, n RandomResizedCrop(out-size, scale 0.25, ratio 3/4-4/3, bicubic) of the full-resolution "
+           "image in the loader workers (in-memory sets such as CIFAR: scale 0.25, ratio 1, bilinear on the device)")
     return p.parse_args(argv)
 
 
@@ -141,18 +146,29 @@ def main(argv=None):
     test = common.load_dataset(args.dataset, args.data_dir, "test", args.image_size, args.workers, seed=args.seed) \
         if args.eval_every else None
     boxes = common.fixed_patch_boxes(16, args.patch_size, train.size)
+    # --patch-sampler official on image files: crops of the full-resolution image, cut in the workers
+    views = functools.partial(common.rrc_file_views, n=n, out_size=args.out_size) \
+        if args.patch_sampler == "official" and train.files is not None else None
 
     def features(imgs):  # quick probe: 16-patch bag of backbone embeddings
         return common.bag_of_features(model.backbone, imgs, boxes, args.out_size, args.norm_mean, args.norm_std)
 
     for epoch in range(step // spe, args.epochs):
         model.train()
-        for imgs, _, _ in common.epoch_batches(train, B, epoch, args.seed, rank, world, step - epoch * spe, args.workers):
+        for imgs, _, _ in common.epoch_batches(train, B, epoch, args.seed, rank, world, step - epoch * spe, args.workers,
+                                               views=views):
             if step >= last:  # a resumed run that already reached --max-steps
                 break
             lr = common.cosine_lr(step, horizon, args.lr)  # cosine to 0, no warm-up (Sec. 3)
             common.set_lr(optimizer, lr)
-            x, _ = common.sample_patches(imgs.to(device, non_blocking=True), n, args.patch_size, args.out_size, gen)
+            if views is not None:  # --patch-sampler official: the workers sent view-major uint8 [n*b,3,out,out]
+                x = imgs.to(device, non_blocking=True).float().div_(255)
+            elif args.patch_sampler == "official":  # in memory: RandomResizedCrop(scale 0.25, ratio 1) per patch
+                b, _, h, w = imgs.shape
+                crop = common.random_resized_boxes(n * b, h, w, (0.25, 0.25), (1.0, 1.0), gen, device)
+                x = common.resized_crops(imgs.to(device).repeat(n, 1, 1, 1), crop, args.out_size).div_(255)
+            else:
+                x, _ = common.sample_patches(imgs.to(device, non_blocking=True), n, args.patch_size, args.out_size, gen)
             x = common.augment(x, aug, gen)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -93,6 +93,8 @@ def resolve_defaults(args):
     --dataset's recipe (RECIPES) and lambda from default_lam."""
     if args.views < 2:
         common.fail("--views must be at least 2")
+    if args.schedule_epochs is not None:
+        common.fail("--schedule-epochs: multiaug_ssl trains at a constant learning rate (App. D), it has no schedule")
     if not 0 < args.train_fraction <= 1:
         common.fail("--train-fraction must be in (0, 1]")
     if args.pdim <= 1:
@@ -240,8 +242,6 @@ def train_fraction_indices(n, fraction, seed=0):
 
 def main(argv=None):
     args = common.resolve_common(parse_args(argv), "multiaug_ssl")  # parse_args checks the method's flags
-    if args.schedule_epochs is not None:
-        common.fail("--schedule-epochs: multiaug_ssl trains at a constant learning rate (App. D), it has no schedule")
     args.arch = args.arch or ("resnet18" if args.dataset == "in100" else "resnet50")
     rank, world, device = common.init_distributed()
     torch.manual_seed(args.seed)

@@ -1,0 +1,331 @@
+"""ImageNet-100 end to end on a tiny fake ImageNet: `common.py build-in100`, then each method's
+in100 recipe under 2-process torchrun (gloo, CPU) for 2 steps, a resume to step 3, and a k-NN
+probe of the checkpoint; a corrupt JPEG in the tree is reported once and replaced, not fatal.
+
+Only the batch, patches/views and steps are shrunk (bag_ssl also its projector, see BAG_SMALL).
+Wall time of this file on this 2-core AMD EPYC, shared with other jobs: 161 s (pytest's count;
+163 s for the whole command, 253 CPU-seconds; load average 2.3 when it started), the four
+pipelines two at a time (fixture `runs`); one at a time it took 211 s. Most of it is start-up:
+8 torchrun launches (each about 16 CPU-seconds of imports before any step) and 4 probes;
+npid_sqrtkl's Feature Calibrate forwards all 200 training images once on rank 0.
+"""
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXTRA = "n99999999"  # a class folder outside in100: build-in100 must leave it out
+TRAIN_PER_CLASS, VAL_PER_CLASS = 2, 1
+BATCH = 4  # global; 2 per rank
+
+# bag_ssl's in100 default is ResNet-50 + an 8192-8192-8192 projector (BagSSL App. C.2; Chen,
+# Bardes, Li, LeCun 2023, arXiv:2206.08954), about 175M parameters. Measured here with it: one
+# 2-step torchrun took 101 s (load average 5), 5.4 GB resident per rank, a 1.4 GB checkpoint; with
+# the resume and the probe that alone would be about the whole budget. So the projector is shrunk
+# for this test only; the backbone keeps its in100 default (ResNet-50, imagenet stem).
+BAG_SMALL = ["--proj", "512-512-512"]
+
+METHODS = {
+    "emp_ssl": ["--patches", "2"],
+    "bag_ssl": ["--patches", "2", *BAG_SMALL],
+    "multiaug_ssl": ["--views", "2"],
+    "npid_sqrtkl": [],
+}
+PROBE = ["--probe", "knn", "--subset", "12", "--test-subset", "6", "--knn-k", "5", "--patches", "1", "--workers", "0"]
+
+
+# --- the fake ImageNet ---------------------------------------------------------------------------
+
+
+def _image(rng, kind):
+    """A small PIL image of a random size and aspect ratio, in one of ImageNet's odd formats."""
+    from PIL import Image
+    w, h = (int(v) for v in rng.integers(40, 91, 2))
+    base = rng.integers(0, 256, 3)
+    px = np.clip(base + rng.integers(-60, 61, (h, w, 3)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(px)
+    if kind == "grey":
+        return img.convert("L"), "JPEG"
+    if kind == "cmyk":
+        return img.convert("CMYK"), "JPEG"
+    if kind == "png_alpha":  # a PNG with alpha named .JPEG, as a few ImageNet train files are
+        return Image.fromarray(np.dstack([px, rng.integers(0, 256, (h, w), dtype=np.uint8)]), "RGBA"), "PNG"
+    return img, "JPEG"
+
+
+def make_fake_imagenet(root):
+    """train/<wnid>/<wnid>_<k>.JPEG and val/<wnid>/ILSVRC2012_val_<k>.JPEG for the 100 in100
+    classes plus EXTRA; formats cycle through RGB, grey, CMYK and PNG-with-alpha. Returns
+    {path relative to root: format}."""
+    rng = np.random.default_rng(0)
+    kinds = ["rgb", "grey", "cmyk", "png_alpha"]
+    k, made = 0, {}
+    for split, per in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+        for c in sorted(common.IN100_CLASSES + [EXTRA]):
+            os.makedirs(os.path.join(root, split, c))
+            for i in range(per):
+                img, fmt = _image(rng, kinds[k % len(kinds)])
+                name = f"{c}_{i}.JPEG" if split == "train" else f"ILSVRC2012_val_{k:08d}.JPEG"
+                img.save(os.path.join(root, split, c, name), format=fmt, quality=90)
+                made[os.path.join(split, c, name)] = kinds[k % len(kinds)]
+                k += 1
+    return made
+
+
+def first_file_read(train_dir):
+    """The file of index perm[0] of epoch 0 (seed 0): the first image rank 0 decodes in training,
+    found with epoch_batches itself on a stand-in in-memory set of the same length."""
+    _, files, labels = common._scan_folder(train_dir)
+    stand_in = common.ImageSet(torch.tensor(labels), 100, 1, images=torch.zeros(len(files), 1, 1, 1))
+    _, _, idx = next(common.epoch_batches(stand_in, BATCH, 0, 0, rank=0, world=2))
+    return files[idx[0]]
+
+
+@pytest.fixture(scope="module")
+def in100(tmp_path_factory):
+    """The fake ImageNet and its in100 tree, built once; one train file truncated (corrupt)."""
+    base = tmp_path_factory.mktemp("in100")
+    fake, out = str(base / "imagenet"), str(base / "in100")
+    kinds = make_fake_imagenet(fake)
+    r = run(["common.py", "build-in100", "--imagenet", fake, "--out", out], timeout=120)
+    assert r.returncode == 0, r.stderr
+    bad = first_file_read(os.path.join(out, "train"))
+    with open(bad, "rb") as f:
+        data = f.read()
+    with open(os.path.realpath(bad), "wb") as f:  # a download cut short: half of a valid JPEG
+        f.write(data[:len(data) // 2])
+    return {"fake": fake, "out": out, "bad": bad, "build": r, "kinds": kinds}
+
+
+# --- running the scripts ---------------------------------------------------------------------------
+
+
+def run(args, timeout=300):
+    """Run python <args> in the repository root with one intra-op thread per process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{args[:4]} ran past {timeout}s: {str(e.stderr)[-2000:]}")
+
+
+def torchrun(method, data, out, extra):
+    """The method's in100 recipe under 2-process torchrun, only batch/patches/steps shrunk."""
+    return run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"{method}.py",
+                "--dataset", "in100", "--data-dir", data, "--workers", "2", "--batch-size", str(BATCH),
+                "--epochs", "1", "--log-every", "1", "--out", out, *METHODS[method], *extra])
+
+
+def warnings_for(path, stderr):
+    """The loader's unreadable-file lines that name path."""
+    return [line for line in stderr.splitlines() if line.startswith("warning: cannot decode") and path in line]
+
+
+# --- tests ---------------------------------------------------------------------------------------------
+
+
+def test_build_in100_links_the_100_classes_of_both_splits(in100):
+    """Both splits get exactly the 100 CMC classes, as symlinks, read as file-backed 224 px sets."""
+    assert "100 classes linked" in in100["build"].stdout
+    for split, per in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
+        d = os.path.join(in100["out"], split)
+        assert sorted(os.listdir(d)) == sorted(common.IN100_CLASSES)  # EXTRA left out
+        assert all(os.path.islink(os.path.join(d, c)) for c in os.listdir(d))
+        ds = common.load_dataset("in100", in100["out"], "train" if split == "train" else "test")
+        assert (len(ds), ds.num_classes, ds.size, ds.images) == (100 * per, 100, 224, None)  # decoded on the fly
+
+
+def test_every_odd_format_decodes_to_rgb_224(in100):
+    """Grey, CMYK and PNG-with-alpha files named .JPEG all come out as uint8 [3,224,224]."""
+    ds = common.load_dataset("in100", in100["out"], "test")
+    kind = [in100["kinds"][os.path.relpath(os.path.realpath(f), os.path.realpath(in100["fake"]))] for f in ds.files[:8]]
+    assert sorted(set(kind)) == ["cmyk", "grey", "png_alpha", "rgb"]
+    imgs = ds.get(torch.arange(8))
+    assert imgs.shape == (8, 3, 224, 224) and imgs.dtype == torch.uint8
+    for img, k in zip(imgs, kind):
+        assert img.float().std() > 5, k  # real content, not the grey stand-in of a corrupt file
+        same = torch.equal(img[0], img[1]) and torch.equal(img[1], img[2])
+        assert same == (k == "grey"), k  # grey gives three equal channels, the others stay coloured
+
+
+def test_corrupt_file_is_reported_once_and_replaced(in100, capsys):
+    """In one process: one stderr line for three reads of the truncated JPEG, grey images back."""
+    common._BAD_FILES.discard(in100["bad"])
+    capsys.readouterr()
+    a = common._decode(in100["bad"], 224)
+    b = common.load_files([in100["bad"], in100["bad"]], 224)
+    err = capsys.readouterr().err.splitlines()
+    assert a.shape == (3, 224, 224) and a.dtype == torch.uint8 and b.shape == (2, 3, 224, 224)
+    assert (a == 128).all() and (b == 128).all()  # the grey stand-in
+    assert len(err) == 1 and err[0].startswith("warning: cannot decode ") and in100["bad"] in err[0], err
+    full = common._decode(in100["bad"], None)  # --patch-sampler official decodes at full size
+    assert full.shape[0] == 3 and full.dtype == torch.uint8
+
+
+def pipeline(method, data, out):
+    """Run 2 steps, resume to step 3, probe; what the test checks, stopping at the first failure."""
+    res = {"run": torchrun(method, data, out, ["--max-steps", "2"])}
+    if res["run"].returncode:
+        return res
+    ckpt = common.load_checkpoint(os.path.join(out, "checkpoint.pt"), method)  # before the resume rewrites it
+    res["ckpt"] = {"step": ckpt["step"], "rng": len(ckpt["rng"]), "args": ckpt["args"]}
+    res["resume"] = torchrun(method, data, out, ["--max-steps", "3", "--resume"])
+    if res["resume"].returncode:
+        return res
+    res["step_after_resume"] = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"]
+    probe = os.path.join(out, "probe")
+    res["probe"] = run(["eval_linear.py", "--ckpt", os.path.join(out, "checkpoint.pt"), *PROBE, "--out", probe])
+    if res["probe"].returncode == 0:
+        res["eval"] = [json.load(open(os.path.join(probe, f))) for f in sorted(os.listdir(probe))
+                       if f.endswith(".json")]
+    return res
+
+
+@pytest.fixture(scope="module")
+def runs(in100, tmp_path_factory):
+    """The four pipelines, two at a time: one torchrun leaves much of the 2 cores idle (imports,
+    rank 0 alone in Feature Calibrate and checkpoint writes), two side by side fill them."""
+    from concurrent.futures import ThreadPoolExecutor
+    base = tmp_path_factory.mktemp("runs")
+    with ThreadPoolExecutor(2) as pool:  # the two slowest first, then the two quicker ones
+        jobs = {m: pool.submit(pipeline, m, in100["out"], str(base / m))
+                for m in ("npid_sqrtkl", "bag_ssl", "emp_ssl", "multiaug_ssl")}
+        return {m: job.result() for m, job in jobs.items()}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_runs_resumes_and_probes_on_in100(method, runs, in100):
+    """Exit 0 through the corrupt file (with its warning), resume from step 2 to 3, k-NN probe."""
+    res = runs[method]
+    r = res["run"]
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = res["ckpt"]
+    assert ckpt["step"] == 2 and ckpt["rng"] == 2  # both ranks' RNG states
+    a = ckpt["args"]
+    assert (a["dataset"], a["stem"], a["out_size"]) == ("in100", "imagenet", 224)  # the in100 recipe
+    # the truncated JPEG was in rank 0's first batch: reported (one line), replaced, run finished
+    lines = warnings_for(in100["bad"], r.stderr)
+    assert lines and all(line.endswith("using a grey image instead") for line in lines), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+
+    r = res["resume"]
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"resumed from \S*checkpoint\.pt at step 2\b", r.stdout), r.stdout[-2000:]
+    assert res["step_after_resume"] == 3
+
+    r = res["probe"]
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(res["eval"]) == 1, res["eval"]
+    ev = res["eval"][0]
+    assert (ev["dataset"], ev["method"], ev["n_train"], ev["n_test"]) == ("in100", method, 12, 6)
+    assert 0 <= ev["knn"]["k5"] <= 100
+
+
+# --- emp_ssl --patch-sampler official: the authors' ImageNet crops, in the workers ------------------
+
+
+def test_rrc_views_cut_a_quarter_of_the_full_image(in100):
+    """RandomResizedCrop(scale=(0.25, 0.25)): every box covers a quarter of the full-resolution
+    image, up to the rounding of its sides, with aspect ratio in [3/4, 4/3]."""
+    _, files, _ = common._scan_folder(os.path.join(in100["out"], "train"))
+    g = torch.Generator().manual_seed(0)
+    for f in files[:6]:
+        img = common._decode(f, None)
+        h, w = img.shape[-2:]
+        views, boxes = common.rrc_views(img, 50, 32, (0.25, 0.25), (3 / 4, 4 / 3), g)
+        assert views.shape == (50, 3, 32, 32) and views.dtype == torch.uint8
+        top, left, bh, bw = boxes.T
+        assert (top >= 0).all() and (left >= 0).all() and (top + bh <= h).all() and (left + bw <= w).all()
+        err = (bh * bw - 0.25 * h * w).abs()
+        assert (err <= 0.5 * (bh + bw) + 0.75).all(), (h, w, boxes)  # sides rounded to integers
+        assert ((bw / bh >= 3 / 4 - 1 / bh) & (bw / bh <= 4 / 3 + 1 / bh)).all()
+        assert len(set(map(tuple, boxes.tolist()))) > 40  # drawn per view, not one box repeated
+    # the view is the box's content, resized (bicubic, antialiased, as torchvision's transform)
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2.functional import resized_crop
+    ref = resized_crop(img, *boxes[0].tolist(), [32, 32], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    assert torch.equal(views[0], ref)
+
+
+def test_rrc_file_views_are_view_major_and_seeded(tmp_path):
+    """Three one-colour images: row i*b + j of the batch is view i of image j (the order of
+    sample_patches); the same generator seed gives the same crops."""
+    from PIL import Image
+    colours = [(250, 0, 0), (0, 250, 0), (0, 0, 250)]
+    files = []
+    for j, c in enumerate(colours):
+        files.append(str(tmp_path / f"{j}.png"))
+        Image.new("RGB", (60 + 10 * j, 48), c).save(files[-1])
+    n = 4
+    x = common.rrc_file_views(files, torch.Generator().manual_seed(1), n, 40)
+    assert x.shape == (n * 3, 3, 40, 40) and x.dtype == torch.uint8
+    for i in range(n):
+        for j, c in enumerate(colours):
+            assert x[i * 3 + j].float().mean((1, 2)).round().tolist() == [float(v) for v in c]
+    y = common.rrc_file_views(files, torch.Generator().manual_seed(1), n, 40)
+    assert torch.equal(x, y)
+    # in epoch_batches the workers draw crops from a generator seeded per (seed, epoch, step, rank)
+    labels = torch.arange(3)
+    ds = common.ImageSet(labels, 3, 40, files=files)
+    views = functools.partial(common.rrc_file_views, n=n, out_size=24)
+    batches = [b[0] for b in common.epoch_batches(ds, 3, 0, 0, workers=0, views=views)]
+    again = [b[0] for b in common.epoch_batches(ds, 3, 0, 0, workers=1, views=views)]
+    assert len(batches) == 1 and batches[0].shape == (n * 3, 3, 24, 24)
+    assert torch.equal(batches[0], again[0])  # the number of workers does not change the crops
+
+
+@pytest.mark.parametrize("side", [128, 32])  # 128: decoded per batch from the files; 32: held in memory
+def test_emp_ssl_official_sampler_feeds_the_step(side, tmp_path, monkeypatch):
+    """One in-process emp_ssl step per path, recording the crops it asked for: the file path
+    calls rrc_file_views in the loader (scale 0.25, ratio 3/4-4/3), the in-memory path draws
+    RandomResizedCrop boxes of scale 0.25, ratio 1 on the device."""
+    import emp_ssl
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    for c in range(2):
+        os.makedirs(tmp_path / "data" / "train" / f"c{c}")
+        for i in range(4):
+            px = rng.integers(0, 256, (int(rng.integers(40, 91)), int(rng.integers(40, 91)), 3), dtype=np.uint8)
+            Image.fromarray(px).save(tmp_path / "data" / "train" / f"c{c}" / f"{i}.jpg")
+    monkeypatch.setenv("EFFSSL_CACHE", str(tmp_path / "cache"))
+    calls = {"files": [], "boxes": []}
+    real_files, real_boxes = common.rrc_file_views, common.random_resized_boxes
+
+    def files_spy(files, generator, **kw):
+        out = real_files(files, generator, **kw)
+        calls["files"].append((len(files), kw, tuple(out.shape)))
+        return out
+
+    def boxes_spy(n, h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None, device="cpu"):
+        out = real_boxes(n, h, w, scale, ratio, generator, device)
+        if scale == (0.25, 0.25):
+            calls["boxes"].append((n, h, w, ratio, out))
+        return out
+
+    monkeypatch.setattr(common, "rrc_file_views", files_spy)
+    monkeypatch.setattr(common, "random_resized_boxes", boxes_spy)
+    emp_ssl.main(["--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--image-size", str(side),
+                  "--patch-sampler", "official", "--patches", "3", "--out-size", "16", "--patch-size", str(side // 2),
+                  "--proj", "32-8", "--batch-size", "4", "--epochs", "1", "--max-steps", "1", "--workers", "0",
+                  "--out", str(tmp_path / "run")])
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 1
+    if side == 128:
+        assert calls["files"] == [(4, {"n": 3, "out_size": 16}, (12, 3, 16, 16))]
+        # per image, 3 boxes of the full-resolution image (40-90 px sides here), not of its 128 px resize
+        assert [(n, ratio) for n, _, _, ratio, _ in calls["boxes"]] == [(3, (3 / 4, 4 / 3))] * 4
+        assert all(40 <= h <= 90 and 40 <= w <= 90 for _, h, w, _, _ in calls["boxes"])
+    else:
+        assert not calls["files"] and len(calls["boxes"]) == 1
+        n, h, w, ratio, boxes = calls["boxes"][0]
+        assert (n, h, w, ratio) == (12, 32, 32, (1.0, 1.0))
+        assert (boxes[:, 2:] == 16).all()  # a quarter of the 32 x 32 image, square
