@@ -457,7 +457,7 @@ def trained(tmp_path_factory):
 def test_cli_logs_R_and_D_and_saves_a_checkpoint(trained):
     out, r = trained
     lines = [line for line in r.stdout.splitlines() if line.startswith("epoch")]
-    steps = list(range(5, LEARN_STEPS + 1, 5))
+    steps = [1] + list(range(5, LEARN_STEPS + 1, 5))  # the first step is always logged
     assert len(lines) == len(steps) and all(" R " in x and " D " in x and "loss" in x for x in lines), r.stdout
     rec = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [x["step"] for x in rec] == steps
