@@ -271,6 +271,8 @@ def load_dataset(name, data_dir, split, image_size=None, workers=0, download=Fal
         fail("--dataset folder needs --image-size")
     if split == "ssl":
         split = "train" if name != "stl10" else "ssl"
+    if download and data_dir and name in ("cifar10", "cifar100", "stl10"):
+        os.makedirs(data_dir, exist_ok=True)  # torchvision downloads into it
     if not data_dir or not os.path.isdir(data_dir):
         hint = " or pass --download" if name in ("cifar10", "cifar100", "stl10") else ""
         fail(f"data directory '{data_dir}' not found: expected {layout_hint(name)}{hint}")
