@@ -40,15 +40,21 @@ RECIPES = {
     # The others take about 256 views of 16 px a step and a schedule of about 312 steps, what 15 minutes
     # hold at roughly 90 views/s (16 px, 2 idle cores); a run stops earlier when the budget is spent
     # BagSSL, VICReg loss, ResNet-18, LARS; 2 fixed-scale patches 14 px (Tables 1-3) -> 16 px; the
-    # paper's lr 0.3 is for batch 1024, scaled linearly to 0.3 x 128 / 1024
+    # paper's lr 0.3 is for batch 1024, scaled linearly to 0.3 x 128 / 1024; a cosine of 234 steps,
+    # which ends inside the budget (312 steps did not: the run stopped at 240 with the lr at 0.005)
     "bag_ssl": ["--loss", "vicreg", "--arch", "resnet18", "--batch-size", "128", "--out-size", "16",
-                "--epochs", "4", "--warmup-epochs", "0", "--lr", "0.0375"],
+                "--epochs", "3", "--warmup-epochs", "0", "--lr", "0.0375"],
     # Barlow Twins with 4 views, pdim 256, ResNet-18, Adam (constant lr), crops scale (0.08, 1) -> 16 px
     "multiaug_ssl": ["--loss", "barlow", "--views", "4", "--pdim", "256", "--arch", "resnet18",
                      "--batch-size", "64", "--out-size", "16", "--epochs", "2"],
-    # NPID + Feature Calibrate + Grad Update + SqrtKL (lambda 20), ResNet-18, SGD lr 0.1, crops (0.2, 1) -> 16 px
-    "npid_sqrtkl": ["--arch", "resnet18", "--batch-size", "256", "--out-size", "16", "--epochs", "8"],
+    # NPID + Feature Calibrate + Grad Update + SqrtKL (lambda 20), ResNet-18, SGD lr 0.1 cosine, crops
+    # (0.2, 1) -> 16 px; one view a step, so batch 128 (468 steps, about 11 minutes); the script's
+    # defaults for the BatchNorm mode of Feature Calibrate and the jitter (chosen by bench/npid_grid.py)
+    "npid_sqrtkl": ["--arch", "resnet18", "--batch-size", "128", "--out-size", "16", "--epochs", "6"],
 }
+# Steps between probes (a point of the curve) when --curve is not given: a third or a half of each schedule
+# (EMP-SSL in one segment: its epoch is its whole budget)
+SEGMENT = {"emp_ssl": 100, "bag_ssl": 117, "multiaug_ssl": 120, "npid_sqrtkl": 156, "npid_no_sqrtkl": 156}
 # Table 6's row without SqrtKL, for comparison
 RECIPES["npid_no_sqrtkl"] = RECIPES["npid_sqrtkl"] + ["--lam", "0"]
 
@@ -90,7 +96,8 @@ def main():
     p.add_argument("--data-dir", default=os.environ.get("EFFSSL_CIFAR10", os.path.join(ROOT, "cache", "cifar10")))
     p.add_argument("--work", default=os.path.join(ROOT, "runs", "learn_cpu"))
     p.add_argument("--out", default=os.path.join(ROOT, "results"), help="where learn_cpu.jsonl is appended")
-    p.add_argument("--curve", type=int, default=100, help="probe every K training steps (accuracy vs minutes)")
+    p.add_argument("--curve", type=int, default=None,
+                   help="probe every K training steps (accuracy vs minutes; default: per method, see SEGMENT)")
     p.add_argument("--budget-min", type=float, default=15.0, help="training wall minutes per method")
     p.add_argument("--extra", default="", help="extra training flags for every method (e.g. '--calibrate-bn eval')")
     args = p.parse_args()
@@ -101,7 +108,13 @@ def main():
     recipes = RECIPES if args.protocol == 2 else RECIPES_1
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
-    randoms = {}  # (mode, normalisation) -> random-init k20: the same seeded network and images
+    # (mode, patch, size, normalisation, arch) -> random-init k20: the same seeded network and images, so
+    # it is probed once and kept on disk for later invocations
+    cache = os.path.join(args.work, "random_probes.json")
+    randoms = {}
+    if os.path.exists(cache):
+        with open(cache) as f:
+            randoms = {tuple(json.loads(k)): v for k, v in json.load(f).items()}
     rows = []
     for m in args.methods.split(","):
         flags = recipes[m] + args.extra.split() + ["--seed", str(args.seed)]
@@ -113,7 +126,7 @@ def main():
         train_s = cpu_s = 0.0
         step, curve = 0, []
         while True:
-            end = step + args.curve
+            end = step + (args.curve or SEGMENT.get(m, 100))
             if step and train_s / step * end > args.budget_min * 60:
                 break  # the next segment would pass the budget
             cmd = base + ["--max-steps", str(end)] + (["--resume"] if step else [])
@@ -132,9 +145,13 @@ def main():
             geometry = {"central": (None, 16 if args.protocol == 2 else 32),
                         "bag": (ckpt["args"].get("patch_size") or 16, 16 if args.protocol == 2 else 32)}
             for mode, (patch, size) in geometry.items():
-                key = (mode, patch, size, norm)
+                key = (mode, patch, size, *norm, ckpt["args"]["arch"], args.protocol)
                 acc, rnd = probe(run, args.data_dir, os.path.join(run, "probes"), mode, patch, size, key not in randoms)
-                randoms.setdefault(key, rnd)
+                if key not in randoms:
+                    randoms[key] = rnd
+                    with open(cache + ".tmp", "w") as f:
+                        json.dump({json.dumps(list(k)): v for k, v in randoms.items()}, f)
+                    os.replace(cache + ".tmp", cache)
                 point[mode] = round(acc, 2)
                 point[f"{mode}_random"] = round(randoms[key], 2)
             curve.append(point)

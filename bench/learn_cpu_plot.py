@@ -1,9 +1,10 @@
 """The picture of bench/learn_cpu.py: k-NN accuracy against training CPU minutes for each method,
 with its random-init accuracy as a dashed line, one panel per probe (central 16 px, 8-patch bag).
 
-    python bench/learn_cpu_plot.py [--rows results/learn_cpu.jsonl] [--seed 0] [--out results/learn_cpu.png]
+    python bench/learn_cpu_plot.py [--rows results/learn_cpu.jsonl] [--out results/learn_cpu.png]
 
-Needs matplotlib (pip install matplotlib). Takes the newest protocol-2 row of each method.
+Needs matplotlib (pip install matplotlib). Takes the newest protocol-2 row of each method and seed:
+seed 0 solid with markers, other seeds thin lines of the same colour.
 """
 import argparse
 import json
@@ -16,7 +17,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default=os.path.join(ROOT, "results", "learn_cpu.jsonl"))
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(ROOT, "results", "learn_cpu.png"))
     args = p.parse_args()
     try:
@@ -30,19 +30,23 @@ def main():
     with open(args.rows) as f:
         for line in f:
             r = json.loads(line)
-            if r.get("protocol") == 2 and r.get("seed", 0) == args.seed:
-                rows[r["method"]] = r  # the newest row of each method
+            if r.get("protocol") == 2:
+                rows[r["method"], r.get("seed", 0)] = r  # the newest row of each method and seed
     if not rows:
-        print(f"error: no protocol-2 rows of seed {args.seed} in {args.rows}", file=sys.stderr)
+        print(f"error: no protocol-2 rows in {args.rows}", file=sys.stderr)
         sys.exit(2)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, probe in zip(axes, ("central", "bag")):
-        for i, (m, r) in enumerate(sorted(rows.items())):
-            c = f"C{i}"
+        methods = sorted({m for m, _ in rows})
+        for (m, seed), r in sorted(rows.items()):
+            c = f"C{methods.index(m)}"
             xs = [0.0] + [pt["cpu_minutes"] for pt in r["curve"]]
             ys = [r["curve"][0][f"{probe}_random"]] + [pt[probe] for pt in r["curve"]]
-            ax.plot(xs, ys, marker="o", ms=3, color=c, label=m)
-            ax.axhline(r["curve"][0][f"{probe}_random"], color=c, ls="--", lw=0.8)
+            if seed == min(s for mm, s in rows if mm == m):
+                ax.plot(xs, ys, marker="o", ms=3, color=c, label=m)
+                ax.axhline(r["curve"][0][f"{probe}_random"], color=c, ls="--", lw=0.8)
+            else:
+                ax.plot(xs, ys, color=c, lw=0.8, alpha=0.6)
         ax.set_title(f"{probe} probe ({'whole image at 16 px' if probe == 'central' else '8 patches 16 -> 16 px'})")
         ax.set_xlabel("training CPU minutes (2 cores)")
         ax.grid(alpha=0.3)

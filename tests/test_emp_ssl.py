@@ -430,8 +430,9 @@ def test_resume_after_a_crash_mid_epoch_equals_the_uninterrupted_run(tmp_path):
 # Tuned on this CPU fixture: with these settings (batch 32 x 4 patches of 16 px, not upsampled,
 # 20 steps) the k20 of a 2-patch bag (500 train / 250 test probe images) was 48.8 / 72.8 / 48.4
 # after training vs 23.2 / 20.0 / 18.8 for the random init (training seeds 0 / 1 / 2; margins
-# +26 to +53) on the first synthetic set (one colour per image), and 86.4 vs 48.4 (seed 0) on the
-# colour-field set. 10 steps, or 8 px patches, did not learn reliably.
+# +26 to +53) on the first synthetic set (one colour per image), and on the colour-field set
+# 96.8 / 87.6 / 88.4 vs 48.4 (seeds 0 / 1 / 2, one thread, AMD EPYC, 2026-11-26): the lowest clears
+# random + MARGIN (60.4) by 27. 10 steps, or 8 px patches, did not learn reliably.
 LEARN_STEPS = 20
 LEARN = ["--dataset", "synthetic", "--epochs", "1", "--subset", "1024", "--batch-size", "32", "--patches", "4",
          "--patch-size", "16", "--out-size", "16", "--max-steps", str(LEARN_STEPS), "--log-every", "5"]
