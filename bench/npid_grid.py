@@ -90,7 +90,7 @@ def main():
     t0 = time.time()
     with ThreadPoolExecutor(args.jobs) as ex:
         rows = list(ex.map(lambda c: one(args, *c[1], compare_random=c[0] == 0), enumerate(grid)))
-    rnd = next(r["random"] for r in rows if r["random"] is not None)
+    rnd = round(next(r["random"] for r in rows if r["random"] is not None), 2)
     date = time.strftime("%Y-%m-%d %H:%M")
     with open(args.out, "a") as f:
         for r in rows:
