@@ -17,8 +17,9 @@ Table 6 rows: --no-calibrate, --no-grad-update, --lam 0. Multi-GPU (batch is glo
 
 Short runs: lambda = 20 weighs SqrtKL heavily (the paper's worked example, Sec. 3.3.1: on a
 non-target logit 20 x -0.0205 = -0.41 against CE's +0.01), and in runs of a few hundred steps it
-keeps the softmax flat: CE at log N, z collapsed to one direction (synthetic, 256 steps of 32:
-27.2 central k-NN against 52.8 random init; with --lam 0, 93.2). See results/learn_cpu.md.
+keeps the softmax nearly flat: CE near log N (synthetic, 256 steps of 32, train-mode calibration and
+NPID's jitter: 27.2 central k-NN against 52.8 random init; with --lam 0, 93.2). See
+results/learn_cpu.md and results/npid_grid.md for CIFAR-10.
 
 Memory of the softmax over the bank (float32, per process; b = this process's rows, B / world,
 since each rank takes the loss of its own rows only). The bank is N x 128 x 4 bytes (CIFAR 26 MB,

@@ -370,8 +370,11 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path):
 
 PROBE = ["--dataset", "synthetic", "--mode", "central", "--out-size", "32", "--probe", "knn", "--knn-k", "20",
          "--subset", "500", "--test-subset", "250"]
-MARGIN = 10.0  # points of k20; measured 93.2 / 83.2 / 85.6 (seeds 0 / 1 / 2) vs 52.8 random on an Intel Xeon,
-# 66.8 / 84.4 (seeds 1 / 2) vs 52.8 on an AMD EPYC (2026-11-25)
+MARGIN = 10.0  # points of k20; with train-mode calibration and NPID's jitter (the defaults until 2026-11-26)
+# 93.2 / 83.2 / 85.6 (seeds 0 / 1 / 2) vs 52.8 random on an Intel Xeon, 90.8 / 66.8 / 84.4 on an AMD EPYC;
+# with today's defaults (eval-mode calibration, brightness/contrast jitter at p 0.8) 81.6 / 64.8 / 76.8 on
+# the EPYC (one thread each, 2026-11-26), and with --flip 0.5 added 96.0 / 56.8 / 64.4. The lowest seed
+# clears random + MARGIN by 2 points, not the 10 we want: at 256 steps NPID on this set is seed-dependent
 
 
 def test_short_run_beats_random_init_under_the_same_central_knn_probe(tmp_path):
