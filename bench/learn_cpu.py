@@ -36,6 +36,7 @@ import common  # noqa: E402
 # of 16 px a step for every method but EMP-SSL (its paper batch of 100 images x 8 patches).
 RECIPES = {
     # EMP-SSL: paper batch 100, LARS lr 0.3; 8 patches of 16 px, not upsampled; 100 steps = 1 epoch
+    # (19.4 wall minutes on the idle 2 cores, 2026-11-26: over the 15; 6 patches would fit, not measured)
     "emp_ssl": ["--batch-size", "100", "--patches", "8", "--patch-size", "16", "--out-size", "16", "--epochs", "1"],
     # The others take about 256 views of 16 px a step and a schedule of about 312 steps, what 15 minutes
     # hold at roughly 90 views/s (16 px, 2 idle cores); a run stops earlier when the budget is spent
