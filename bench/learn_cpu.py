@@ -100,7 +100,7 @@ def main():
     p.add_argument("--curve", type=int, default=None,
                    help="probe every K training steps (accuracy vs minutes; default: per method, see SEGMENT)")
     p.add_argument("--budget-min", type=float, default=15.0, help="training wall minutes per method")
-    p.add_argument("--extra", default="", help="extra training flags for every method (e.g. '--calibrate-bn eval')")
+    p.add_argument("--extra", default="", help="extra training flags for every method (e.g. '--calibrate-bn train')")
     args = p.parse_args()
     if not os.path.isdir(os.path.join(args.data_dir, "train")):
         print(f"error: CIFAR-10 ImageFolder tree not found at {args.data_dir} (set EFFSSL_CIFAR10)", file=sys.stderr)

@@ -252,7 +252,7 @@ def test_table6_flags_change_what_table6_says(tmp_path):
     first = next(common.epoch_batches(train, 16, 0, 0))[2]
     rest = torch.ones(48, dtype=torch.bool)
     rest[first] = False
-    z0 = _untrained_features(train.images, 8)
+    z0 = _untrained_features(train.images, 8, bn="eval")  # the default calibration
     bank = runs["ours"]["state"]["bank"]
     # Feature Calibrate: rows not yet updated hold the untrained network's features; the batch's rows moved
     assert torch.allclose(bank[rest], z0[rest], atol=1e-5)
