@@ -49,7 +49,7 @@ RECIPES = {
     "multiaug_ssl": ["--loss", "barlow", "--views", "4", "--pdim", "256", "--arch", "resnet18",
                      "--batch-size", "64", "--out-size", "16", "--epochs", "2"],
     # NPID + Feature Calibrate + Grad Update + SqrtKL (lambda 20), ResNet-18, SGD lr 0.1 cosine, crops
-    # (0.2, 1) -> 16 px; one view a step, so batch 128 (468 steps, about 11 minutes); the script's
+    # (0.2, 1) -> 16 px; one view a step, so batch 128 (468 steps: 13.3 and 13.6 wall minutes, 2026-11-26); the script's
     # defaults for the BatchNorm mode of Feature Calibrate and the jitter (chosen by bench/npid_grid.py)
     "npid_sqrtkl": ["--arch", "resnet18", "--batch-size", "128", "--out-size", "16", "--epochs", "6"],
 }

@@ -40,9 +40,8 @@ def one(args, calib, jitter, lam, compare_random):
     name = f"calib-{calib}_jitter-{jitter}_lam{lam:g}_seed{args.seed}"
     out = os.path.join(args.work, name)
     log = out + ".log"
-    for p in (log,):
-        if os.path.exists(p):
-            os.remove(p)
+    if os.path.exists(log):
+        os.remove(log)
     t0 = time.time()
     train = [sys.executable, os.path.join(ROOT, "npid_sqrtkl.py"), "--dataset", "cifar10", "--data-dir", args.data_dir,
              "--subset", "10000", "--workers", "0", "--log-every", "26", "--out", out, "--arch", "resnet18",
