@@ -5,9 +5,11 @@ In one call, on the same patch tensor:
     float32, bf16, bf16 + channels_last, and bf16 + channels_last + torch.compile (--compile);
   - the ceiling: ResNet-18 forward + backward alone in bf16 + channels_last on those patches;
   - the patch pipeline alone (sample_patches + augment) on the GPU;
-  - peak memory of one step at 20 and 200 patches (200 with --grad-checkpoint).
+  - peak memory and throughput of a step at 20 and 200 patches, with and without
+    --grad-checkpoint, and the 50,000-image CIFAR-10 epoch time that throughput gives.
 
     python bench/gpu.py [--compile] [--device cpu --patches 2 --batch-size 8 --iters 2]  # cpu: smoke run
+    python bench/gpu.py --configs bf16+channels_last+compile --memory-patches ""       # compile alone
 """
 import argparse
 import os
@@ -42,13 +44,16 @@ def main():
     p.add_argument("--patches", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="add the bf16+channels_last+compile config")
+    p.add_argument("--configs", default="fp32,bf16,bf16+channels_last",
+                   help="comma list of fp32, bf16, bf16+channels_last, bf16+channels_last+compile")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--memory-patches", default="20,200")
+    p.add_argument("--memory-patches", default="20,200", help="comma list; empty: no memory rows")
+    p.add_argument("--memory-iters", type=int, default=3, help="timed steps of each memory row (after one)")
     args = p.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device {name}, torch {torch.__version__}, {args.patches} patches x batch {args.batch_size}")
+    print(f"device {name}, torch {torch.__version__}, {args.patches} patches x batch {args.batch_size}", flush=True)
     torch.backends.cudnn.benchmark = True
     n, B = args.patches, args.batch_size
     imgs = common.synthetic_set("train").images[:B].to(device)
@@ -61,7 +66,7 @@ def main():
 
     x = patches()
     t_pipe = timed(patches, args.iters, device)
-    print(f"pipeline (sample_patches + augment) {n * B / t_pipe:,.0f} patches/s")
+    print(f"pipeline (sample_patches + augment) {n * B / t_pipe:,.0f} patches/s", flush=True)
 
     def step_fn(model, opt, bf16, cl):
         def step():
@@ -75,18 +80,30 @@ def main():
         return step
 
     rows = []
-    configs = [("fp32", False, False, False), ("bf16", True, False, False), ("bf16+channels_last", True, True, False)]
-    if args.compile:
-        configs.append(("bf16+channels_last+compile", True, True, True))
+    known = {"fp32": (False, False, False), "bf16": (True, False, False), "bf16+channels_last": (True, True, False),
+             "bf16+channels_last+compile": (True, True, True)}
+    names = [c for c in args.configs.split(",") if c] + (["bf16+channels_last+compile"] if args.compile else [])
+    if set(names) - set(known):
+        p.error(f"--configs: unknown {sorted(set(names) - set(known))}; known: {', '.join(known)}")
+    configs = [(c, *known[c]) for c in dict.fromkeys(names)]
     for label, bf16, cl, comp in configs:
         model = emp_ssl.EMPNet("resnet18", "cifar", "4096-512").to(device)
         if cl:
             model = model.to(memory_format=torch.channels_last)
         opt = common.LARS(model.parameters(), lr=0.3, weight_decay=1e-4)
         fwd = torch.compile(model) if comp else model
-        t = timed(step_fn(fwd, opt, bf16, cl), args.iters, device, warmup=3 if comp else 2)
+        step = step_fn(fwd, opt, bf16, cl)
+        try:
+            t0 = time.time()
+            step()  # the first step (compiles under torch.compile)
+            sync(device)
+            first = time.time() - t0
+            t = timed(step, args.iters, device, warmup=2)
+        except Exception as e:  # a compile failure leaves the other rows standing
+            print(f"EMP-SSL step {label:<28} failed: {e.__class__.__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+            continue
         rows.append((label, n * B / t))
-        print(f"EMP-SSL step {label:<28} {n * B / t:10,.0f} patches/s")
+        print(f"EMP-SSL step {label:<28} {n * B / t:10,.0f} patches/s (first step {first:.1f} s)", flush=True)
 
     backbone = common.resnet("resnet18", "cifar").to(device).to(memory_format=torch.channels_last)
     xc = x.contiguous(memory_format=torch.channels_last)
@@ -97,12 +114,12 @@ def main():
         h.float().sum().backward()
 
     t_ceil = timed(ceiling, args.iters, device)
-    print(f"ceiling: ResNet-18 fwd+bwd bf16+channels_last {n * B / t_ceil:10,.0f} patches/s")
-    best = max(r[1] for r in rows)
-    print(f"best step / ceiling = {best / (n * B / t_ceil):.2f}; pipeline share of a step = "
-          f"{t_pipe / (n * B / best):.2f}")
+    print(f"ceiling: ResNet-18 fwd+bwd bf16+channels_last {n * B / t_ceil:10,.0f} patches/s", flush=True)
+    for label, rate in rows:
+        print(f"{label} step / ceiling = {rate / (n * B / t_ceil):.2f}; pipeline time / step time = "
+              f"{t_pipe / (n * B / rate):.2f}", flush=True)
     if device.type == "cuda":
-        for m in [int(v) for v in args.memory_patches.split(",")]:
+        for m in [int(v) for v in args.memory_patches.split(",") if v]:
             for gc in (False, True):
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
@@ -112,18 +129,23 @@ def main():
                     opt = common.LARS(model.parameters(), lr=0.3, weight_decay=1e-4)
                     xm, _ = common.sample_patches(imgs, m, 16, 32, gen)
                     xm = common.augment(xm, aug, gen).contiguous(memory_format=torch.channels_last)
-                    with torch.autocast("cuda", dtype=torch.bfloat16):
-                        z = model(xm)
-                    loss, _, _ = emp_ssl.emp_loss(z.float().reshape(m, B, -1))
-                    loss.backward()
-                    opt.step()
-                    torch.cuda.synchronize()
+
+                    def mstep():
+                        with torch.autocast("cuda", dtype=torch.bfloat16):
+                            z = model(xm)
+                        loss, _, _ = emp_ssl.emp_loss(z.float().reshape(m, B, -1))
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+
+                    t = timed(mstep, args.memory_iters, device, warmup=1)
                     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
-                    print(f"peak memory {m} patches x {B}, grad-checkpoint {gc}: {peak:.1f} GiB")
+                    print(f"peak memory {m} patches x {B}, grad-checkpoint {gc}: {peak:.1f} GiB; "
+                          f"{m * B / t:,.0f} patches/s, a 50,000-image epoch in {50000 / B * t / 60:.1f} min "
+                          f"(bf16+channels_last, patches made once)", flush=True)
                 except torch.cuda.OutOfMemoryError:
                     print(f"peak memory {m} patches x {B}, grad-checkpoint {gc}: out of memory")
-                del model, opt
-                xm = z = loss = None
+                model = opt = xm = None
 
 
 if __name__ == "__main__":
