@@ -670,8 +670,10 @@ def normalize(x, mean, std):
 
 
 def augment(x, cfg, generator=None):
-    """The whole per-sample augmentation then normalisation, on x's device."""
-    return normalize(apply_augment(x, draw_aug_params(len(x), cfg, generator, x.device)), cfg.mean, cfg.std)
+    """The whole per-sample augmentation then normalisation, on x's device, in x's dtype: an
+    enclosing autocast (evaluation's --bag-augment) would run the blur convolution in bf16."""
+    with torch.autocast(x.device.type, enabled=False):
+        return normalize(apply_augment(x, draw_aug_params(len(x), cfg, generator, x.device)), cfg.mean, cfg.std)
 
 
 # ---------------------------------------------------------------------------------------------

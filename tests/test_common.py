@@ -688,3 +688,15 @@ def test_bag_of_features_equals_mean_of_per_patch_features():
             with torch.no_grad():
                 feats.append(net(p[None])[0])
         close(bag[b], torch.stack(feats).mean(0), 1e-5)
+
+
+def test_augment_under_autocast_equals_float32():
+    """eval_linear --bag-augment augments inside a bf16 autocast (on CUDA); the blur convolution
+    must not come back in bf16 (it broke index_copy_ on an H200) nor lose precision."""
+    cfg = common.AugConfig(p_blur=1.0)  # every sample takes every branch that writes back
+    x = torch.rand(16, 3, 32, 32)
+    ref = common.augment(x, cfg, torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = common.augment(x, cfg, torch.Generator().manual_seed(3))
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, ref)
