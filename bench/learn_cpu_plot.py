@@ -3,8 +3,9 @@ with its random-init accuracy as a dashed line, one panel per probe (central 16 
 
     python bench/learn_cpu_plot.py [--rows results/learn_cpu.jsonl] [--out results/learn_cpu.png]
 
-Needs matplotlib (pip install matplotlib). Takes the newest protocol-2 row of each method and seed:
-seed 0 solid with markers, other seeds thin lines of the same colour.
+Needs matplotlib (pip install matplotlib). Takes, for each method and seed, the newest protocol-2 row
+trained with bench/learn_cpu.py's current recipe (its flags, a repeated flag's last value winning),
+else the newest row: seed 0 solid with markers, other seeds thin lines of the same colour.
 """
 import argparse
 import json
@@ -12,6 +13,19 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+
+def effective(flags):
+    """{flag: value} of a flag list, the last occurrence winning (as argparse reads it)."""
+    out, key = {}, None
+    for tok in flags:
+        if tok.startswith("--"):
+            key = tok
+            out[key] = None
+        elif key is not None:
+            out[key] = tok
+    return out
 
 
 def main():
@@ -26,12 +40,19 @@ def main():
     except ImportError:
         print("error: the plot needs matplotlib: pip install matplotlib", file=sys.stderr)
         sys.exit(2)
-    rows = {}
+    from learn_cpu import RECIPES
+    rows, current = {}, {}
     with open(args.rows) as f:
         for line in f:
             r = json.loads(line)
-            if r.get("protocol") == 2:
-                rows[r["method"], r.get("seed", 0)] = r  # the newest row of each method and seed
+            if r.get("protocol") != 2:
+                continue
+            key = (r["method"], r.get("seed", 0))
+            recipe = effective(RECIPES.get(r["method"], []) + ["--seed", str(key[1])])
+            if effective(r.get("flags", "").split()) == recipe:
+                current[key] = r  # the newest row of the current recipe
+            rows[key] = r  # the newest row
+    rows.update(current)
     if not rows:
         print(f"error: no protocol-2 rows in {args.rows}", file=sys.stderr)
         sys.exit(2)
