@@ -196,9 +196,11 @@ def test_interrupted_save_removes_its_temporary_file(tmp_path, monkeypatch):
 def test_ctrl_c_says_where_the_run_stopped_and_exits_130(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # a shell's background job (`cmd &`) starts with SIGINT ignored, and the child would inherit that:
+    # give it the default disposition, as a terminal's foreground run has, so Ctrl-C reaches Python
     p = subprocess.Popen([sys.executable, "emp_ssl.py", *TINY, "--epochs", "50", "--save-every", "2",
                           "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=env)
+                         env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     for line in p.stdout:  # wait until step 3 is done: a checkpoint at step 2 exists
         if re.search(r"step 3/", line) or time.time() > deadline:
