@@ -369,3 +369,16 @@ def test_eval_takes_download_as_the_missing_data_hint_says(tmp_path, capsys):
                                            str(tmp_path / "none"), "--probe", "knn"], capsys)
     one_error_line(code, err, "pass --download")
     assert eval_linear.parse_args(["--ckpt", "random", "--download"]).download
+
+
+def test_learn_cpu_plot_matches_rows_to_the_recipe_by_their_effective_flags():
+    """A row run with --extra repeats a recipe flag; argparse takes the last value, and so must the
+    plot when it picks the current recipe's rows (bench/learn_cpu_plot.py)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from learn_cpu import RECIPES
+    from learn_cpu_plot import effective
+    assert effective(["--patches", "8", "--flip", "--patches", "6"]) == {"--patches": "6", "--flip": None}
+    old_8 = "--batch-size 100 --patches 8 --patch-size 16 --out-size 16 --epochs 1 --seed 0".split()
+    with_extra = "--batch-size 100 --patches 8 --patch-size 16 --out-size 16 --epochs 1 --patches 6 --seed 0".split()
+    recipe = effective(RECIPES["emp_ssl"] + ["--seed", "0"])
+    assert effective(with_extra) == recipe != effective(old_8)
