@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
 # Protocol 2: training flags on top of --dataset cifar10 --subset 10000. Batches: about 256 views
-# of 16 px a step for every method but EMP-SSL (its paper batch of 100 images x 8 patches).
+# of 16 px a step for every method but EMP-SSL (its paper batch of 100 images x 6 patches).
 RECIPES = {
     # EMP-SSL: paper batch 100, LARS lr 0.3; 6 patches of 16 px, not upsampled; 100 steps = 1 epoch
     # (13.6 / 14.3 wall minutes on the idle 2 cores, seeds 0 / 1, 2026-11-26; 8 patches took 19.4)
