@@ -385,8 +385,8 @@ def test_short_run_beats_random_init_under_the_same_central_knn_probe(tmp_path):
     images (256 steps of 32, 16 px crops) lift the central k-NN accuracy of the backbone above a
     random ResNet-18's. Without SqrtKL (--lam 0): at the paper's lambda = 20 the same run does not
     learn (27.2 vs 52.8; the CE stays at log N and z collapses to one direction), and at 32 epochs
-    the run is seed-dependent (82.4 / 24.8 / 60.4), at 64 less so (see MARGIN). Seed 0 at 64 epochs: plain NPID (random
-    bank, Eq. 3 update) 82.8, Grad Update alone (--no-calibrate) 82.4."""
+    the run is seed-dependent (82.4 / 24.8 / 60.4), at 64 less so (see MARGIN). Seed 0 at 64 epochs:
+    plain NPID (random bank, Eq. 3 update) 82.8, Grad Update alone (--no-calibrate) 82.4."""
     # one after the other, all cores each: the training (256 short steps) is the long part, and
     # side by side at one thread each it took 230 s against about 150 s
     train = subprocess.run([sys.executable, "npid_sqrtkl.py", "--dataset", "synthetic", "--subset", "128",
