@@ -40,9 +40,9 @@ def fail(msg):
 PROGRESS = {"step": None, "saved": None}
 
 
-def run_cli(main):
+def run_cli(main, training=True):
     """Call main(); a UserError becomes 'error: ...' on stderr and exit code 2, Ctrl-C one line
-    saying where the run stopped and exit code 130."""
+    saying where the run stopped (training=True: a step and its checkpoint) and exit code 130."""
     try:
         main()
     except UserError as e:
@@ -51,7 +51,9 @@ def run_cli(main):
         sys.exit(2)
     except KeyboardInterrupt:
         step, saved = PROGRESS["step"], PROGRESS["saved"]
-        if step is None:
+        if not training:
+            print("interrupted", file=sys.stderr, flush=True)
+        elif step is None:
             print("interrupted before the first step", file=sys.stderr, flush=True)
         else:
             ckpt = f"last checkpoint at step {saved}: rerun with --resume" if saved is not None else "no checkpoint yet"
@@ -1342,4 +1344,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, training=False)

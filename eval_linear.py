@@ -306,6 +306,8 @@ def probe_all(args, embed, train, test, device, targs, ks, probes, name):
             pred = common.knn_predict(tr_f.to(device), train.labels.to(device), te_f.to(device),
                                       train.num_classes, k=k, t=args.knn_t)
             result["knn"][f"k{k}"] = (pred.cpu() == test.labels).float().mean().item() * 100
+            # printed now, so that a probe stopped during the linear one keeps its k-NN figures
+            print(f"  k-NN k={k} ({name}): {result['knn'][f'k{k}']:.2f}", flush=True)
     if "linear" in probes:
         if args.linear_aug:
             accs = linear_aug_probe(args, embed, train, te_f, test.labels, targs, device)
@@ -405,4 +407,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    common.run_cli(main, training=False)

@@ -101,4 +101,4 @@ def main():
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    common.run_cli(main, training=False)

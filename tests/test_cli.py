@@ -217,6 +217,21 @@ def test_ctrl_c_says_where_the_run_stopped_and_exits_130(tmp_path):
     assert not glob.glob(str(out / "*.tmp*"))
 
 
+def test_ctrl_c_line_of_a_probe_names_no_step(capsys, monkeypatch):
+    """A training script's Ctrl-C line names its step; a probe's or a benchmark's, which have none,
+    says only that it was interrupted."""
+    monkeypatch.setitem(common.PROGRESS, "step", None)  # as in a fresh process
+    monkeypatch.setitem(common.PROGRESS, "saved", None)
+
+    def stop():
+        raise KeyboardInterrupt
+    for training, line in ((False, "interrupted"), (True, "interrupted before the first step")):
+        with pytest.raises(SystemExit) as e:
+            common.run_cli(stop, training=training)
+        assert e.value.code == 130
+        assert capsys.readouterr().err.strip().splitlines() == [line]
+
+
 # --- the learning-rate horizon ---------------------------------------------------------------------
 
 
@@ -248,6 +263,10 @@ def test_eval_takes_a_run_folder_and_keeps_one_result_file_per_setting(finished_
     code, stdout, err = call(eval_linear.main, ["--ckpt", str(out), *PROBE, "--batch-size", "16"], capsys)
     assert code == 0, err
     assert re.search(r"features trained train: 40/40 images, \d+ images/s, eta", stdout), stdout
+    early = re.search(r"k-NN k=5 \(trained\): ([\d.]+)", stdout)  # printed before any linear probe
+    assert early, stdout
+    res = json.load(open(out / "eval-bag-p2-s8-fixed-backbone-n40-20.json"))
+    assert float(early.group(1)) == pytest.approx(res["knn"]["k5"], abs=0.01)
     code, _, err = call(eval_linear.main, ["--ckpt", str(out / "checkpoint.pt"), *PROBE, "--mode", "central"], capsys)
     assert code == 0, err
     code, _, err = call(eval_linear.main, ["--ckpt", str(out), *PROBE, "--positions", "random"], capsys)
