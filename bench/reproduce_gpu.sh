@@ -20,10 +20,11 @@
 # Each stage writes OUT/<stage>.log and, when it ends well, OUT/<stage>.done; --resume skips the
 # done ones (a training stage whose run folder holds a checkpoint resumes from it). --budget S
 # starts no stage past S seconds and stops the one running at S, so that a wall-clock limit
-# ends the script between stages; rerun with --resume to go on.
+# ends the script between stages; rerun with --resume to go on. --only A,B runs those stages, in
+# that order.
 #
 #   bash bench/reproduce_gpu.sh --data cache/cifar10-jpeg.tar.gz            # everything, ~1 h
-#   bash bench/reproduce_gpu.sh --resume --budget 540 --only speed,cos20,cos20-eval
+#   bash bench/reproduce_gpu.sh --resume --budget 540 --only speed,cos20,cos20-eval  # in this order
 set -u
 OUT=runs/gpu DATA=${EFFSSL_CIFAR10:-cache/cifar10} RESUME=0 BUDGET=0 ONLY="" PACK="" SMOKE=0
 while [ $# -gt 0 ]; do
@@ -35,7 +36,7 @@ while [ $# -gt 0 ]; do
     --only) ONLY=",$2,"; shift 2;;
     --pack) PACK=$2; shift 2;;  # after each stage, tar OUT's logs and results (no checkpoints) here
     --smoke) SMOKE=1; shift;;  # every stage at toy size (a CPU check of this script)
-    -h|--help) sed -n '2,26p' "$0"; exit 0;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0;;
     *) echo "error: unknown argument $1 (see --help)" >&2; exit 2;;
   esac
 done
@@ -51,22 +52,26 @@ if [ -f "$DATA" ]; then  # the tarball: extract once beside it
   DATA=$dir
 fi
 [ -d "$DATA/train" ] && [ -d "$DATA/test" ] || { echo "error: '$DATA' is not a CIFAR-10 ImageFolder tree (train/, test/)" >&2; exit 2; }
-mkdir -p "$OUT"
 T0=$(date +%s)
 D="--dataset cifar10 --data-dir $DATA"
-{ echo "# $(date -u +%FT%TZ) $(hostname)"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
-  $PY -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__, "cuda", torch.version.cuda)'
-  echo "cpus $(nproc)"; git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -5; } >> "$OUT/env.txt"
 
 pack() {
   [ -n "$PACK" ] && tar czf "$PACK" --exclude='*.pt' --exclude='*.tmp*' -C "$OUT" . 2>/dev/null
   return 0
 }
 
-# stage NAME SECONDS_IT_NEEDS COMMAND...: run COMMAND unless done, not asked for, or out of budget
+# stage NAME SECONDS_IT_NEEDS COMMAND...: register a stage; they run after the list below, in its
+# order, or in the order --only names them
+NAMES=()
+declare -A NEED CMD
 stage() {
-  local name=$1 need=$2; shift 2
-  [ -n "$ONLY" ] && [[ $ONLY != *",$name,"* ]] && return 0
+  NAMES+=("$1"); NEED[$1]=$2; CMD[$1]=$(printf '%q ' "${@:3}")
+}
+
+# run_stage NAME: run its COMMAND unless done before (--resume) or out of budget
+run_stage() {
+  local name=$1 need=${NEED[$1]}
+  eval "set -- ${CMD[$1]}"
   if [ $RESUME = 1 ] && [ -f "$OUT/$name.done" ]; then echo "== $name: done before, skipped"; return 0; fi
   local left=0
   if [ "$BUDGET" -gt 0 ]; then
@@ -123,5 +128,17 @@ stage multiaug 600 $PY multiaug_ssl.py $D --epochs 1 --views 4 --channels-last $
 stage multiaug-eval 300 $EVAL "$OUT/multiaug" --mode views --views 16 --linear-opt adam --probe linear,knn $EV
 stage npid 600 $PY npid_sqrtkl.py $D --epochs 1 --channels-last $(run_dir npid) $TR
 stage npid-eval 200 $EVAL "$OUT/npid" --mode central --probe linear,knn $EV
+ORDER=("${NAMES[@]}")
+if [ -n "$ONLY" ]; then
+  IFS=, read -r -a ORDER <<< "${ONLY:1:-1}"
+  for n in "${ORDER[@]}"; do
+    [ -n "${NEED[$n]+x}" ] || { echo "error: --only names no stage '$n' (stages: ${NAMES[*]})" >&2; exit 2; }
+  done
+fi
+mkdir -p "$OUT"
+{ echo "# $(date -u +%FT%TZ) $(hostname)"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+  $PY -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__, "cuda", torch.version.cuda)'
+  echo "cpus $(nproc)"; git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -5; } >> "$OUT/env.txt"
+for n in "${ORDER[@]}"; do run_stage "$n"; done
 echo "== all stages tried in $(( $(date +%s) - T0 )) s; results: $OUT/stages.txt, $OUT/*/eval-*.json"
 pack
