@@ -5,7 +5,8 @@ Protocol 2 (default). Each method trains on 10,000 CIFAR-10 training images (an 
 of CIFAR-10) at a 16 px network input: EMP-SSL on batch 100 x 6 patches of 16 px (not upsampled),
 the others with `--out-size 16`, their papers' crop scales and optimisers, and a batch the CPU
 budget allows. Training runs in segments of --curve steps (each resumes the last exactly) until
-the next segment would pass --budget-min wall minutes; after each segment the checkpoint is
+the next segment would pass --budget-min wall minutes (or --max-steps is reached, for variants
+compared at a fixed step count); after each segment the checkpoint is
 probed at its training resolution by k-NN (k = 20, T = 0.07) on 2,000 train / 1,000 test images,
 with two representations: the central image at 16 px and a bag of 8 patches 16 -> 16 px (fixed
 positions, backbone feature). Each probe is run on a random-init backbone of the same
@@ -100,6 +101,9 @@ def main():
     p.add_argument("--curve", type=int, default=None,
                    help="probe every K training steps (accuracy vs minutes; default: per method, see SEGMENT)")
     p.add_argument("--budget-min", type=float, default=15.0, help="training wall minutes per method")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop at this step at the latest (a variant compared at the recipe's step count on a "
+                        "shared machine, where the budget would stop it elsewhere)")
     p.add_argument("--extra", default="", help="extra training flags for every method (e.g. '--calibrate-bn train')")
     args = p.parse_args()
     if not os.path.isdir(os.path.join(args.data_dir, "train")):
@@ -128,6 +132,8 @@ def main():
         step, curve = 0, []
         while True:
             end = step + (args.curve or SEGMENT.get(m, 100))
+            if args.max_steps:
+                end = min(end, args.max_steps)
             if step and train_s / step * end > args.budget_min * 60:
                 break  # the next segment would pass the budget
             cmd = base + ["--max-steps", str(end)] + (["--resume"] if step else [])
@@ -159,7 +165,7 @@ def main():
             print(f"{m}: step {step}: central {point['central']:.2f} (random {point['central_random']:.2f}), "
                   f"bag {point['bag']:.2f} (random {point['bag_random']:.2f}) after {train_s / 60:.1f} min "
                   f"training", flush=True)
-            if step >= _total_steps(ckpt):
+            if step >= _total_steps(ckpt) or (args.max_steps and step >= args.max_steps):
                 break
         last = curve[-1]
         row = {"protocol": args.protocol, "method": m, "seed": args.seed, "steps": step,
