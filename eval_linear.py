@@ -152,19 +152,20 @@ def random_boxes(n_images, patches, size, image_size, seed):
 
 
 class Progress:
-    """A line every ~10 s while features are extracted: images done, images/s, ETA."""
+    """A line every ~10 s (and at the end) while features are extracted or a probe trains: done / total,
+    rate, ETA, and what the caller adds (loss, lr, top-1)."""
 
-    def __init__(self, name, total, every=10.0):
-        self.name, self.total, self.every = name, total, every
+    def __init__(self, name, total, every=10.0, unit="images"):
+        self.name, self.total, self.every, self.unit = name, total, every, unit
         self.t0 = self.tl = time.time()
 
-    def update(self, done):
+    def update(self, done, extra=""):
         now = time.time()
         if now - self.tl < self.every and done < self.total:
             return
         rate = done / max(now - self.t0, 1e-9)
-        print(f"  features {self.name}: {done}/{self.total} images, {rate:.0f} images/s, "
-              f"eta {(self.total - done) / max(rate, 1e-9) / 60:.1f} min", flush=True)
+        print(f"  {self.name}: {done}/{self.total} {self.unit}{extra}, {rate:.{0 if self.unit == 'images' else 2}f} "
+              f"{self.unit}/s, eta {(self.total - done) / max(rate, 1e-9) / 60:.1f} min", flush=True)
         self.tl = now
 
 
@@ -184,7 +185,7 @@ def extract(args, embed, ds, device, targs, name="", seed_offset=0):
     elif args.mode == "views":  # the multi-view paper's CIFAR augmentation
         vaug = common.AugConfig(jitter=(0.4, 0.4, 0.4, 0.0), p_blur=0.0, p_solarize=0.0, mean=mean, std=std)
     feats = []
-    progress = Progress(name, len(ds))
+    progress = Progress(f"features {name}", len(ds))
     for s in range(0, len(ds), args.batch_size):
         imgs = ds.get(torch.arange(s, min(s + args.batch_size, len(ds))), args.workers).to(device)
         b = len(imgs)
@@ -238,8 +239,8 @@ def linear_probe(args, tr_f, tr_y, te_f, te_y, num_classes, device):
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if not adam else None  # adam: constant lr
     tr_f, tr_y, te_f, te_y = tr_f.to(device), tr_y.to(device), te_f.to(device), te_y.to(device)
     g = torch.Generator().manual_seed(args.seed)
-    accs = []
-    for _ in range(epochs):
+    accs, progress = [], Progress("linear probe", epochs, unit="epochs")
+    for epoch in range(epochs):
         perm = torch.randperm(len(tr_f), generator=g).to(device)
         for s in range(0, len(tr_f), bs):
             idx = perm[s:s + bs]
@@ -251,6 +252,8 @@ def linear_probe(args, tr_f, tr_y, te_f, te_y, num_classes, device):
                 sched.step()
         with torch.no_grad():
             accs.append((clf(te_f).argmax(1) == te_y).float().mean().item() * 100)
+        progress.update(epoch + 1, f" (loss {loss.item():.4f}, lr {opt.param_groups[0]['lr']:.2e}, "
+                                   f"top-1 {accs[-1]:.2f})")
     return accs
 
 

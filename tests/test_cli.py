@@ -345,6 +345,20 @@ def test_linear_aug_probe_runs_the_ssql_schedule(finished_run, capsys):
     assert len(re.findall(r"linear-aug epoch \d/5", stdout)) == 5
 
 
+def test_plain_linear_probe_separates_two_blobs_and_reports_its_epochs(capsys):
+    """Features of two well-separated Gaussian blobs: the linear probe ends at 100 % and its progress line
+    (printed at least at the last epoch) gives the epochs done, the loss, the lr and that top-1."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 2
+    f = torch.randn(200, 8, generator=g) + 4.0 * (2 * y[:, None].float() - 1)
+    args = eval_linear.parse_args(["--ckpt", "x", "--linear-epochs", "3", "--linear-opt", "sgd"])
+    accs = eval_linear.linear_probe(args, f[:100], y[:100], f[100:], y[100:], 2, torch.device("cpu"))
+    assert len(accs) == 3 and accs[-1] == 100.0
+    line = re.findall(r"linear probe: 3/3 epochs \(loss ([\d.]+), lr ([\d.e+-]+), top-1 ([\d.]+)\)",
+                      capsys.readouterr().out)
+    assert line and float(line[-1][2]) == 100.0 and float(line[-1][1]) == 0.0  # the cosine ends at 0
+
+
 # --- the plot command ------------------------------------------------------------------------------
 
 
