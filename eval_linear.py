@@ -102,8 +102,12 @@ def load_backbone(args):
         if not targs.get("proj"):
             common.fail(f"checkpoint '{args.ckpt}' has no projector for --feature head1")
         proj = common.projector(backbone.dim, targs["proj"], bias=targs.get("proj_bias", True))
-        proj.load_state_dict({k[len("projector."):]: v for k, v in ckpt["model"].items() if k.startswith("projector.")},
-                             strict=False)
+        state = {k[len("projector."):]: v for k, v in ckpt["model"].items() if k.startswith("projector.")}
+        try:  # strict: a projector saved under other names must not leave head1 at its random init
+            proj.load_state_dict(state)
+        except RuntimeError as e:
+            common.fail(f"checkpoint '{args.ckpt}': its projector does not match {targs['proj']}: "
+                        f"{str(e).splitlines()[0]}")
         proj = proj[:3]  # Linear-BN-ReLU: the 4096-d feature of the official EMP-SSL evaluation
     return backbone, proj, targs
 

@@ -345,6 +345,30 @@ def test_linear_aug_probe_runs_the_ssql_schedule(finished_run, capsys):
     assert len(re.findall(r"linear-aug epoch \d/5", stdout)) == 5
 
 
+def test_head1_is_the_checkpoints_projector_up_to_its_first_relu(finished_run):
+    """--feature head1 (the official EMP-SSL evaluation's 4096-d feature): Linear-BN-ReLU of the trained
+    projector, with the trained weights and BatchNorm statistics, not a random init."""
+    out, _ = finished_run
+    args = eval_linear.parse_args(["--ckpt", str(out / "checkpoint.pt"), "--feature", "head1"])
+    _, proj, targs = eval_linear.load_backbone(args)
+    model = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    assert [type(m).__name__ for m in proj] == ["Linear", "BatchNorm1d", "ReLU"]
+    kept = {f"projector.{k}": v for k, v in proj.state_dict().items()}
+    assert set(kept) == {k for k in model if k.startswith(("projector.0.", "projector.1."))}
+    for k, v in kept.items():
+        assert torch.equal(v, model[k]), k
+
+
+def test_head1_of_a_projector_saved_under_other_names_is_one_error_line(finished_run, tmp_path, capsys):
+    out, _ = finished_run
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    ckpt["model"] = {k.replace("projector.1.", "projector.bn."): v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, tmp_path / "renamed.pt")
+    code, _, err = call(eval_linear.main, ["--ckpt", str(tmp_path / "renamed.pt"), "--feature", "head1", *PROBE],
+                        capsys)
+    one_error_line(code, err, "projector does not match")
+
+
 def test_plain_linear_probe_separates_two_blobs_and_reports_its_epochs(capsys):
     """Features of two well-separated Gaussian blobs: the linear probe ends at 100 % and its progress line
     (printed at least at the last epoch) gives the epochs done, the loss, the lr and that top-1."""
