@@ -72,7 +72,7 @@ def main():
         ax.set_xlabel("training CPU minutes (2 cores)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("k-NN k=20 top-1 (%), 2,000 / 1,000 CIFAR-10 images")
-    axes[0].legend(fontsize=8, title="dashed: random init", title_fontsize=8)
+    axes[0].legend(fontsize=8, title="dashed: random init; thin: other seeds", title_fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
