@@ -342,10 +342,12 @@ def random_bag_knn(tmp_path_factory):
     return eval_result(out)["knn"]["k20"]
 
 
-# simclr runs by default (84 s); tcr, vicreg and byol take 87 / 129 / 287 s more and run with -m slow,
-# so that the default suite stays under 15 minutes on 2 cores
-@pytest.mark.parametrize("loss", [loss if loss == "simclr" else pytest.param(loss, marks=pytest.mark.slow)
-                                  for loss in LEARN])
+# All four run with -m slow (simclr 84 s + 24 s for the random-init probe, tcr / vicreg / byol 87 / 129 / 287 s
+# more). simclr ran by default until 2026-11-26, when two CI dry runs of the same code took 819 s and 915 s
+# (22.2 and 25.5 user CPU minutes: this VM's CPU speed varies) against the suite's 15 minutes; the loss
+# itself stays checked by default against float64 references and a 2-process run (tests above)
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", list(LEARN))
 def test_short_run_beats_random_init_under_the_bag_knn_probe(tmp_path, loss, random_bag_knn):
     """On synthetic, a short run of every loss (30 steps of 32 images an epoch, the
     whole warm-up + cosine schedule) lifts the 4-patch bag k-NN accuracy above a random
