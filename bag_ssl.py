@@ -280,82 +280,40 @@ def main(argv=None):
         target = target.to(memory_format=torch.channels_last) if target is not None else None
     optimizer = make_optimizer(model, args)
     gen = common.make_generator(args.seed, rank, device)
-    state = {"target": target.state_dict()} if target is not None else None
-    step = common.open_run(args, gen, model, optimizer, state)
+    n, B = args.patches, args.batch_size
+    state = {"target": target.state_dict()} if target is not None else {}
+    # the bag of patch embeddings (Sec. 3), or the whole image for the --multiscale baseline
+    probe = common.probe_info(args.arch, args.stem, args.out_size, args.norm_mean, args.norm_std,
+                              patch_size=args.patch_size, proj=args.proj)
+    run = common.Run(args, model, optimizer, gen, train, probe, patches=n * B, state=state)
     if target is not None:
         target.load_state_dict(state["target"])  # the EMA target of the checkpoint on resume
-        state = {"target": target.state_dict()}  # live references: in-place EMA updates show in it
+        state["target"] = target.state_dict()  # live references: in-place EMA updates show in it
     net = common.wrap_ddp(model, device, not args.no_sync_bn)
     if args.compile:
         net = torch.compile(net)
     augs = byol_augs(args)
+    warmup = min(args.warmup_epochs * run.steps_per_epoch, run.horizon // 2)  # App. C: 10 epochs; a smoke run keeps a decay
 
-    n, B = args.patches, args.batch_size
-    spe = common.steps_per_epoch(len(train), B)
-    total = spe * args.epochs
-    horizon = spe * (args.schedule_epochs or args.epochs)  # the schedule's length (--schedule-epochs)
-    warmup = min(args.warmup_epochs * spe, horizon // 2)  # App. C: 10 epochs; a smoke run keeps a decay
-    last = min(total, args.max_steps or total)
-    log = common.Logger(args, total, step, last)
-    test = common.load_dataset(args.dataset, args.data_dir, "test", args.image_size, args.workers, seed=args.seed) \
-        if args.eval_every else None
-    boxes = common.fixed_patch_boxes(16, args.patch_size, train.size) if not args.multiscale else None
-
-    def features(imgs):  # quick probe: 16-patch bag (Sec. 3), or the whole image for --multiscale
-        if boxes is not None:
-            return common.bag_of_features(model.backbone, imgs, boxes, args.out_size, args.norm_mean, args.norm_std)
-        x = imgs.float().div(255)
-        if x.shape[-1] != args.out_size:
-            x = F.interpolate(x, size=(args.out_size, args.out_size), mode="bilinear", antialias=True)
-        return model.backbone(common.normalize(x, args.norm_mean, args.norm_std)).float()
-
-    for epoch in range(step // spe, args.epochs):
-        model.train()
-        batches = common.epoch_batches(train, B, epoch, args.seed, rank, world, step - epoch * spe, args.workers)
-        for imgs, _, _ in batches:
-            if step >= last:  # a resumed run that already reached --max-steps
-                break
-            lr = common.cosine_lr(step, horizon, args.lr, warmup)  # warm-up, then cosine to 0 (App. C)
-            common.set_lr(optimizer, lr)
-            x, _ = sample(imgs.to(device, non_blocking=True), args, gen)
-            x = augment_views(x, n, augs, gen)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with common.autocast(args, device):
-                z = net(x)
-                with torch.no_grad():
-                    t = target(x) if target is not None else None
-            terms = global_loss(z.float(), t.float() if t is not None else None, args)
-            loss = terms["loss"]
-            common.check_finite(loss, step + 1, args.out)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if target is not None:
-                terms["tau"] = byol_tau(step, horizon, args.tau_base)
-                ema_update(target, model, terms["tau"])
-            step += 1
-            log.step(epoch, step, {k: (v.detach() if torch.is_tensor(v) else v) for k, v in terms.items()},
-                     lr, n * B, args.log_every)
-            if step % args.save_every == 0:
-                common.save_run(args, step, epoch, model.backbone, model, optimizer, gen, state)
-            common.crash_for_test(step)
-            if step >= last:
-                break
-        common.save_run(args, step, step // spe, model.backbone, model, optimizer, gen, state)  # epoch end or stop
-        if args.eval_every and ((epoch + 1) % args.eval_every == 0 or step >= last):
-            if common.is_main():
-                model.eval()
-                acc = common.quick_knn(features, train, test, device)
-                log.write({"epoch": epoch + 1, "step": step, "knn_top1": acc, "elapsed_s": log.elapsed()})
-                print(f"epoch {epoch + 1} knn top-1 {acc:.2f}", flush=True)
-            if world > 1:
-                torch.distributed.barrier()
-        if step >= last:
-            break
-    log.finish(step)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    for imgs, _, _ in run.batches():
+        lr = common.cosine_lr(run.steps, run.horizon, args.lr, warmup)  # warm-up, then cosine to 0 (App. C)
+        common.set_lr(optimizer, lr)
+        x, _ = sample(imgs.to(device, non_blocking=True), args, gen)
+        x = augment_views(x, n, augs, gen)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with common.autocast(args, device):
+            z = net(x)
+            with torch.no_grad():
+                t = target(x) if target is not None else None
+        terms = global_loss(z.float(), t.float() if t is not None else None, args)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+        if target is not None:
+            terms["tau"] = byol_tau(run.steps, run.horizon, args.tau_base)
+            ema_update(target, model, terms["tau"])
+        run.step({k: (v.detach() if torch.is_tensor(v) else v) for k, v in terms.items()}, lr)
 
 
 if __name__ == "__main__":

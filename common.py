@@ -1,11 +1,9 @@
-"""Shared toolbox for the effssl method scripts.
+"""Shared toolbox of the effssl method scripts: plain functions and small classes, no framework.
 
-Plain functions and small classes, grouped by section: errors, data, patches and augmentation,
-model, optimiser and schedule, distributed, checkpoint, logging and probes. Nothing here is a
-framework: every method script reads top to bottom and calls what it needs.
-
-Also a small command line:
-    python common.py build-in100 --imagenet /data/imagenet --out /data/in100
+In the order a reader needs them: first what a method is made of (patches and augmentation, batched
+on the training device; ResNet and projector; LARS and the cosine schedule; gathering over ranks;
+bag of features and k-NN), then data sets and loaders, then the command line and the run (`Run`:
+folder, resume, progress, checkpoints, probe). A method file and this file are a whole method.
 """
 import argparse
 import hashlib
@@ -23,393 +21,7 @@ import torch.nn.functional as F
 import torchvision
 
 # ---------------------------------------------------------------------------------------------
-# errors
-# ---------------------------------------------------------------------------------------------
-
-
-class UserError(Exception):
-    """A mistake in the command line or the inputs: reported as one line on stderr, exit 2."""
-
-
-def fail(msg):
-    """Stop with one clear line on stderr and exit code 2 (a user mistake, never a traceback)."""
-    raise UserError(msg)
-
-
-# where a training run stands, for the Ctrl-C line: the last finished step and the last checkpoint
-PROGRESS = {"step": None, "saved": None}
-
-
-def run_cli(main, training=True):
-    """Call main(); a UserError becomes 'error: ...' on stderr and exit code 2, Ctrl-C one line
-    saying where the run stopped (training=True: a step and its checkpoint) and exit code 130."""
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        _close_group()
-        sys.exit(2)
-    except KeyboardInterrupt:
-        step, saved = PROGRESS["step"], PROGRESS["saved"]
-        if not training:
-            print("interrupted", file=sys.stderr, flush=True)
-        elif step is None:
-            print("interrupted before the first step", file=sys.stderr, flush=True)
-        else:
-            ckpt = f"last checkpoint at step {saved}: rerun with --resume" if saved is not None else "no checkpoint yet"
-            print(f"interrupted at step {step}, {ckpt}", file=sys.stderr, flush=True)
-        _close_group()
-        sys.exit(130)
-
-
-def _close_group():
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # a peer already gone: nothing left to close
-            pass
-
-
-# ---------------------------------------------------------------------------------------------
-# data
-# ---------------------------------------------------------------------------------------------
-
-# channel statistics for normalisation (the EMP-SSL code uses mean = std = 0.5 instead)
-STATS = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
-}
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "tinyimagenet": 64, "in100": 224, "synthetic": 32}
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10, "tinyimagenet": 200, "in100": 100, "synthetic": 10}
-DATASETS = ("cifar10", "cifar100", "stl10", "tinyimagenet", "in100", "folder", "synthetic")
-IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
-
-# The 100 ImageNet classes of CMC (Tian et al. 2019), used by solo-learn, EMP-SSL and BagSSL.
-IN100_CLASSES = """
-n02869837 n01749939 n02488291 n02107142 n13037406 n02091831 n04517823 n04589890 n03062245 n01773797
-n01735189 n07831146 n07753275 n03085013 n04485082 n02105505 n01983481 n02788148 n03530642 n04435653
-n02086910 n02859443 n13040303 n03594734 n02085620 n02099849 n01558993 n04493381 n02109047 n04111531
-n02877765 n04429376 n02009229 n01978455 n02106550 n01820546 n01692333 n07714571 n02974003 n02114855
-n03785016 n03764736 n03775546 n02087046 n07836838 n04099969 n04592741 n03891251 n02701002 n03379051
-n02259212 n07715103 n03947888 n04026417 n02326432 n03637318 n01980166 n02113799 n02086240 n03903868
-n02483362 n04127249 n02089973 n03017168 n02093428 n02804414 n02396427 n04418357 n02172182 n01729322
-n02113978 n03787032 n02089867 n02119022 n03777754 n04238763 n02231487 n03032252 n02138441 n02104029
-n03837869 n03494278 n04136333 n03794056 n03492542 n02018207 n04067472 n03930630 n03584829 n02123045
-n04229816 n02100583 n03642806 n04336792 n03259280 n02116738 n02108089 n03424325 n01855672 n02090622
-""".split()
-
-
-class ImageSet:
-    """A labelled image set: either uint8 `images` [N,3,S,S] held in memory, or image `files`
-    decoded on the fly (large sets such as in100) by `load_files`."""
-
-    def __init__(self, labels, num_classes, size, images=None, files=None):
-        self.labels, self.num_classes, self.size = labels, num_classes, size
-        self.images, self.files = images, files
-
-    def __len__(self):
-        return len(self.labels)
-
-    def subset(self, idx):
-        """The images at positions idx (a LongTensor) as a new ImageSet."""
-        imgs = self.images[idx] if self.images is not None else None
-        files = [self.files[i] for i in idx.tolist()] if self.files is not None else None
-        return ImageSet(self.labels[idx], self.num_classes, self.size, imgs, files)
-
-    def get(self, idx, workers=0):
-        """uint8 images [len(idx),3,S,S] on the CPU."""
-        if self.images is not None:
-            return self.images[idx]
-        return load_files([self.files[i] for i in idx.tolist()], self.size, workers)
-
-
-def _decode(path, size):
-    """Decode one image file to uint8 [3,size,size]: resize the short side (size*8/7 for large
-    images, i.e. 256 for 224, as the ImageNet protocol), then centre crop; size None keeps the
-    full resolution. An unreadable file is reported once and replaced by a grey image."""
-    import warnings
-    from torchvision.io import ImageReadMode, decode_image, read_file
-    try:
-        with warnings.catch_warnings():  # deprecated in torchvision 0.29 for TorchCodec, still fine
-            warnings.simplefilter("ignore", DeprecationWarning)
-            img = decode_image(read_file(path), mode=ImageReadMode.RGB)
-    except Exception:  # formats torchvision.io cannot read: fall back to PIL
-        from PIL import Image
-        try:
-            with Image.open(path) as im:
-                img = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
-        except Exception as e:  # a truncated or corrupt file must not kill a days-long run
-            _report_bad_file(path, e)
-            return torch.full((3, size or 256, size or 256), 128, dtype=torch.uint8)
-    if size is None:
-        return img
-    h, w = img.shape[-2:]
-    if (h, w) != (size, size):
-        short = size if size <= 96 else round(size * 8 / 7)
-        img = torchvision.transforms.functional.resize(img, short, antialias=True)
-        img = torchvision.transforms.functional.center_crop(img, size)
-    return img
-
-
-_BAD_FILES = set()  # per process (each DataLoader worker has its own): one warning per file
-
-
-def _report_bad_file(path, err):
-    """One stderr line per unreadable file and process; the run goes on with a grey image."""
-    if path in _BAD_FILES:
-        return
-    _BAD_FILES.add(path)
-    why = " ".join(f"{err.__class__.__name__}: {err}".split())[:200]  # one line, whatever the message
-    print(f"warning: cannot decode {path} ({why}); using a grey image instead", file=sys.stderr, flush=True)
-
-
-def load_files(files, size, workers=0):
-    """Decode a list of image files to one uint8 tensor [N,3,size,size] (unreadable files grey)."""
-    if workers > 0 and len(files) > 256:
-        from concurrent.futures import ThreadPoolExecutor  # torchvision.io releases the GIL
-        with ThreadPoolExecutor(workers) as pool:
-            return torch.stack(list(pool.map(lambda f: _decode(f, size), files, chunksize=64)))
-    return torch.stack([_decode(f, size) for f in files])
-
-
-def _scan_folder(root):
-    """ImageFolder layout: one sub-folder per class (sorted), images anywhere below it."""
-    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-    files, labels = [], []
-    for c, name in enumerate(classes):
-        for dirpath, _, names in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-            for n in sorted(names):
-                if n.lower().endswith(IMG_EXT):
-                    files.append(os.path.join(dirpath, n))
-                    labels.append(c)
-    return classes, files, labels
-
-
-def _cache_path(root, size):
-    cache = os.environ.get("EFFSSL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "effssl"))
-    key = hashlib.sha1(f"{os.path.realpath(root)}:{size}".encode()).hexdigest()[:16]
-    return os.path.join(cache, f"images-{key}.pt")
-
-
-def _folder_set(root, size, in_memory, workers):
-    classes, files, labels = _scan_folder(root)
-    if not files:
-        fail(f"no images found under {root} (expected one sub-folder per class holding image files)")
-    labels = torch.tensor(labels)
-    if not in_memory:
-        return ImageSet(labels, len(classes), size, files=files)
-    cache = _cache_path(root, size)
-    if os.path.exists(cache):  # decoded once, reused by later runs
-        blob = torch.load(cache, weights_only=True)
-        if blob["n"] == len(files) and torch.equal(blob["labels"], labels):
-            return ImageSet(labels, len(classes), size, images=blob["images"])
-    images = load_files(files, size, workers=max(workers, 2))
-    try:
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        atomic_save({"n": len(files), "labels": labels, "images": images}, cache)
-    except (OSError, UserError):
-        pass  # a read-only or full cache only costs the decode next time
-    return ImageSet(labels, len(classes), size, images=images)
-
-
-def synthetic_set(split, seed=0, n=None):
-    """Procedural 32x32 images whose class is carried by local texture (orientation and period
-    of a grating, sign of the orientation random), under nuisance colour, contrast, position
-    (phase) and noise. The colour is a smooth random field (4 x 4 random control colours,
-    bicubic), so it differs between two patches of one image: patches co-occur within an image
-    by texture, not by one shared colour, and an SSL objective cannot match two views by colour
-    alone. A random network is dominated by the colour and is not already good at the task."""
-    n = n or (10000 if split == "train" else 2000)
-    g = torch.Generator().manual_seed(seed * 7919 + (0 if split == "train" else 1))
-    labels = torch.arange(n) % 10
-    labels = labels[torch.randperm(n, generator=g)]
-    theta = (labels % 5).float() * (math.pi / 10) + math.pi / 20  # 5 orientations in (0, pi/2)
-    theta = theta * (torch.randint(0, 2, (n,), generator=g) * 2 - 1)  # sign is a nuisance (flip)
-    period = torch.where(labels < 5, 4.0, 9.0)
-    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
-    phase = torch.rand(n, generator=g) * 2 * math.pi
-    u = xx[None] * torch.cos(theta)[:, None, None] + yy[None] * torch.sin(theta)[:, None, None]
-    tex = torch.sin(2 * math.pi * u / period[:, None, None] + phase[:, None, None])  # [n,32,32]
-    amp = 0.15 + 0.2 * torch.rand(n, 1, 1, 1, generator=g)
-    ctrl = 0.15 + 0.7 * torch.rand(n, 3, 4, 4, generator=g)  # nuisance colour field
-    base = F.interpolate(ctrl, size=(32, 32), mode="bicubic", align_corners=True)
-    img = base + amp * tex[:, None] + 0.05 * torch.randn(n, 3, 32, 32, generator=g)
-    images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
-    return ImageSet(labels, 10, 32, images=images)
-
-
-def _torchvision_set(name, root, split):
-    """CIFAR / STL-10 in torchvision's own format under root, or None when it is not there."""
-    tv = torchvision.datasets
-    try:
-        if name in ("cifar10", "cifar100"):
-            cls = tv.CIFAR10 if name == "cifar10" else tv.CIFAR100
-            ds = cls(root, train=(split == "train"), download=False)
-            images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-            labels = torch.tensor(ds.targets)
-        elif name == "stl10":
-            splits = {"train": ["train"], "test": ["test"], "ssl": ["unlabeled", "train"]}[split]
-            sets = [tv.STL10(root, split=s, download=False) for s in splits]
-            images = torch.cat([torch.from_numpy(s.data) for s in sets])
-            labels = torch.cat([torch.from_numpy(s.labels).long() for s in sets])
-        else:
-            return None
-    except RuntimeError:  # "Dataset not found or corrupted"
-        return None
-    return ImageSet(labels, NUM_CLASSES[name], IMAGE_SIZE[name], images=images)
-
-
-def load_dataset(name, data_dir, split, image_size=None, workers=0, download=False, seed=0):
-    """Load split ('train', 'test' or 'ssl' = the SSL training set) of a data set as an ImageSet
-    of uint8 images of the data set's fixed size. Missing data: one clear error (exit 2)."""
-    if name not in DATASETS:
-        fail(f"unknown data set '{name}' (choose from {', '.join(DATASETS)})")
-    if name == "synthetic":
-        return synthetic_set("train" if split in ("train", "ssl") else "test", seed)
-    size = image_size or IMAGE_SIZE.get(name)
-    if size is None:
-        fail("--dataset folder needs --image-size")
-    if split == "ssl":
-        split = "train" if name != "stl10" else "ssl"
-    if download and data_dir and name in ("cifar10", "cifar100", "stl10"):
-        os.makedirs(data_dir, exist_ok=True)  # torchvision downloads into it
-    if not data_dir or not os.path.isdir(data_dir):
-        hint = " or pass --download" if name in ("cifar10", "cifar100", "stl10") else ""
-        fail(f"data directory '{data_dir}' not found: expected {layout_hint(name)}{hint}")
-    if name in ("cifar10", "cifar100", "stl10"):
-        ds = _torchvision_set(name, data_dir, split)
-        if ds is None and download:
-            tv = torchvision.datasets
-            try:
-                if name == "stl10":
-                    tv.STL10(data_dir, split="train", download=True)
-                else:
-                    (tv.CIFAR10 if name == "cifar10" else tv.CIFAR100)(data_dir, download=True)
-            except Exception as e:
-                fail(f"could not download {name} into {data_dir}: {e.__class__.__name__}")
-            ds = _torchvision_set(name, data_dir, split)
-        if ds is not None:
-            return ds
-    sub = {"train": ["train"], "ssl": ["unlabeled", "train"], "test": ["test", "val"]}[split]
-    for s in sub:
-        root = os.path.join(data_dir, s)
-        if os.path.isdir(root):
-            return _folder_set(root, size, in_memory=size <= 96, workers=workers)
-    fail(f"data directory '{data_dir}' does not hold {name}: expected {layout_hint(name)}")
-
-
-def layout_hint(name):
-    """The layout load_dataset expects for a data set, for error messages."""
-    tv = {"cifar10": "cifar-10-batches-py/", "cifar100": "cifar-100-python/", "stl10": "stl10_binary/"}
-    folder = "train/<class>/*.jpg and test/<class>/*.jpg (or val/)"
-    if name in tv:
-        return f"torchvision's {tv[name]} or an ImageFolder tree {folder}"
-    return f"an ImageFolder tree {folder}"
-
-
-def data_stats(name):
-    """(mean, std) per channel for normalisation."""
-    return STATS.get(name, IMAGENET_STATS)
-
-
-def subset_indices(n, k, seed=0):
-    """The first k of a fixed seeded permutation of range(n) (--subset, --train-fraction)."""
-    if k >= n:
-        return torch.arange(n)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
-
-
-def steps_per_epoch(n, batch_size):
-    """Optimizer steps per epoch (the last incomplete global batch is dropped)."""
-    return n // batch_size
-
-
-def epoch_batches(ds, batch_size, epoch, seed, rank=0, world=1, start=0, workers=0, views=None):
-    """Yield (uint8 images, labels, indices) of this rank's slice of each global batch.
-
-    The order is a permutation seeded by (seed, epoch), the same on every rank; rank r takes the
-    r-th slice of every global batch, so the ranks together see exactly the batches a single
-    process would. `start` skips the first batches (resume mid-epoch). `views(files, generator)`
-    (file data sets only, a picklable function) replaces the decode in the workers, e.g. crops of
-    the full-resolution images; its generator is seeded by (seed, epoch, step, rank), so the crops
-    depend neither on the number of workers nor on a resume."""
-    g = torch.Generator().manual_seed(seed * 100003 + epoch)
-    perm = torch.randperm(len(ds), generator=g)
-    local = batch_size // world
-    steps = steps_per_epoch(len(ds), batch_size)
-    chunks = [perm[s * batch_size + rank * local: s * batch_size + (rank + 1) * local] for s in range(start, steps)]
-    if ds.images is not None:
-        for idx in chunks:
-            yield ds.images[idx], ds.labels[idx], idx
-        return
-    seeds = [(seed, epoch, s, rank) for s in range(start, steps)]
-    # a views batch is n times larger (200 x 224 px patches of 25 images: 750 MB): prefetch less
-    prefetch = (2 if views is not None else 4) if workers else None
-    loader = torch.utils.data.DataLoader(_FileBatches(ds, chunks, views, seeds), batch_size=None, num_workers=workers,
-                                         pin_memory=torch.cuda.is_available(), prefetch_factor=prefetch,
-                                         persistent_workers=False)
-    for (imgs, idx) in loader:
-        yield imgs, ds.labels[idx], idx
-
-
-class _FileBatches(torch.utils.data.Dataset):
-    """Decode one precomputed batch of files per item (DataLoader workers do the decoding)."""
-
-    def __init__(self, ds, chunks, views=None, seeds=None):
-        self.ds, self.chunks, self.views, self.seeds = ds, chunks, views, seeds
-
-    def __len__(self):
-        return len(self.chunks)
-
-    def __getitem__(self, i):
-        files = [self.ds.files[j] for j in self.chunks[i].tolist()]
-        if self.views is None:
-            return load_files(files, self.ds.size), self.chunks[i]
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence(self.seeds[i]).generate_state(1)[0]))
-        return self.views(files, g), self.chunks[i]
-
-
-def rrc_views(img, n, out_size, scale, ratio, generator=None):
-    """n RandomResizedCrop(out_size, scale, ratio) views of one uint8 image [3,H,W], bicubic and
-    antialiased as torchvision's transform: (uint8 [n,3,out,out], boxes [n,4] top-left-h-w)."""
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2.functional import resized_crop
-    boxes = random_resized_boxes(n, img.shape[-2], img.shape[-1], scale, ratio, generator)
-    out = [resized_crop(img, *b.tolist(), [out_size, out_size], interpolation=InterpolationMode.BICUBIC,
-                        antialias=True) for b in boxes]
-    return torch.stack(out), boxes
-
-
-def rrc_file_views(files, generator, n, out_size, scale=(0.25, 0.25), ratio=(3 / 4, 4 / 3)):
-    """epoch_batches `views`: n RandomResizedCrop views of each full-resolution image file, view-major
-    uint8 [n*b,3,out,out] (row i*b + j is view i of image j), as sample_patches orders patches.
-    Defaults: the EMP-SSL authors' ImageNet crop (Tong, Chen, Ma, LeCun 2023, arXiv:2304.03977)."""
-    per_image = [rrc_views(_decode(f, None), n, out_size, scale, ratio, generator)[0] for f in files]
-    return torch.stack(per_image, 1).flatten(0, 1)
-
-
-def build_in100(imagenet, out):
-    """Build the in100 ImageFolder tree (train/, val/) of symlinks from a full ImageNet folder
-    whose train/ and val/ both hold one sub-folder per class."""
-    for split in ("train", "val"):  # check both splits before writing anything
-        src = os.path.join(imagenet, split)
-        missing = [c for c in IN100_CLASSES if not os.path.isdir(os.path.join(src, c))]
-        if missing:
-            fail(f"{src} lacks class folders {missing[:3]}... (val/ must be sorted into class folders)")
-    for split in ("train", "val"):
-        src = os.path.join(imagenet, split)
-        os.makedirs(os.path.join(out, split), exist_ok=True)
-        for c in IN100_CLASSES:
-            dst = os.path.join(out, split, c)
-            if not os.path.lexists(dst):
-                os.symlink(os.path.realpath(os.path.join(src, c)), dst)
-    print(f"in100: {len(IN100_CLASSES)} classes linked under {out}/train and {out}/val")
-
-
-# ---------------------------------------------------------------------------------------------
-# patches and augmentation (batched, per sample, on the training device)
+# patches and augmentation (batched, every parameter drawn per sample, on the training device)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -677,7 +289,6 @@ def augment(x, cfg, generator=None):
     with torch.autocast(x.device.type, enabled=False):
         return normalize(apply_augment(x, draw_aug_params(len(x), cfg, generator, x.device)), cfg.mean, cfg.std)
 
-
 # ---------------------------------------------------------------------------------------------
 # model
 # ---------------------------------------------------------------------------------------------
@@ -703,26 +314,6 @@ def default_stem(dataset, image_size=None):
     return "cifar" if size <= 64 else "imagenet"
 
 
-def feature_map(backbone, x):
-    """The last convolutional feature map [N,C,h,w] (BagSSL's local aggregation)."""
-    b = backbone
-    x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
-    return b.layer4(b.layer3(b.layer2(b.layer1(x))))
-
-
-def forward_checkpointed(backbone, x):
-    """backbone(x) recomputing activations block by block in backward (--grad-checkpoint):
-    only block inputs are kept. Each block sees the whole batch, so BatchNorm statistics and
-    gradients equal the plain forward (running statistics are updated twice per step)."""
-    from torch.utils.checkpoint import checkpoint
-    b = backbone
-    x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
-    for layer in (b.layer1, b.layer2, b.layer3, b.layer4):
-        for block in layer:
-            x = checkpoint(block, x, use_reentrant=False)
-    return torch.flatten(b.avgpool(x), 1)
-
-
 def projector(in_dim, spec, bias=True):
     """Linear-BN-ReLU blocks then a Linear, dims from a string like '4096-512'. bias: one bool
     for every Linear, or a pair (hidden, last): the Linears before a BatchNorm, the last Linear
@@ -734,7 +325,6 @@ def projector(in_dim, spec, bias=True):
         layers += [nn.Linear(a, b, bias=hidden_bias), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
     layers.append(nn.Linear(dims[-2], dims[-1], bias=last_bias))
     return nn.Sequential(*layers)
-
 
 # ---------------------------------------------------------------------------------------------
 # optimiser and schedule
@@ -782,9 +372,8 @@ def set_lr(optimizer, lr):
     for g in optimizer.param_groups:
         g["lr"] = lr
 
-
 # ---------------------------------------------------------------------------------------------
-# distributed
+# distributed (torchrun): global batches
 # ---------------------------------------------------------------------------------------------
 
 
@@ -830,13 +419,6 @@ class GatherLayer(torch.autograd.Function):
         return g[dist.get_rank()]
 
 
-def gather(x):
-    """Concatenate x over ranks along dim 0, differentiably (identity in a single process)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return x
-    return torch.cat(GatherLayer.apply(x), 0)
-
-
 def gather_views(z, n):
     """Gather view-major rows [n*b, d] over ranks into the view-major global batch [n*B, d]."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -863,90 +445,396 @@ def wrap_ddp(model, device, sync_bn=True):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+# ---------------------------------------------------------------------------------------------
+# bag of features, probes and k-NN (eval_linear.py and the --eval-every probe)
+# ---------------------------------------------------------------------------------------------
+
+
+def fixed_patch_boxes(n, size, image_size, seed=0):
+    """n patch positions drawn once from a fixed seed: identical for every image and run."""
+    g = torch.Generator().manual_seed(seed)
+    top = torch.randint(0, image_size - size + 1, (n,), generator=g)
+    left = torch.randint(0, image_size - size + 1, (n,), generator=g)
+    return torch.stack([top, left, torch.full_like(top, size), torch.full_like(top, size)], 1)
+
+
+@torch.no_grad()
+def bag_of_features(backbone, images, boxes, out_size, mean, std, chunk=2048, aug=None, generator=None):
+    """Bag-of-features (EMP-SSL Sec. 2): mean of the backbone embeddings of the patches at
+    `boxes` of each uint8 image in `images` [B,3,H,W] (on the backbone's device). boxes [n,4]
+    are the same n positions in every image; boxes [n,B,4] give each image its own."""
+    b, n = images.shape[0], boxes.shape[0]
+    x = images.float().div(255).repeat(n, 1, 1, 1)
+    bx = boxes.to(images.device)  # view-major: patch i of every image
+    bx = bx.repeat_interleave(b, 0) if bx.dim() == 2 else bx.reshape(n * b, 4)
+    feats = []
+    for s in range(0, n * b, chunk):
+        p = resized_crops(x[s:s + chunk], bx[s:s + chunk], out_size)
+        p = augment(p, aug, generator) if aug is not None else normalize(p, mean, std)
+        feats.append(backbone(p).float())
+    return torch.cat(feats).reshape(n, b, -1).mean(0)
+
+
+@torch.no_grad()
+def knn_predict(train_f, train_y, test_f, num_classes, k=20, t=0.07, chunk=512):
+    """Weighted k-NN (NPID protocol): cosine similarity on L2-normalised features, vote
+    weight exp(s/T). Returns predicted labels of test_f."""
+    train_f, test_f = F.normalize(train_f.float(), dim=1), F.normalize(test_f.float(), dim=1)
+    k = min(k, len(train_f))
+    preds = []
+    for s in range(0, len(test_f), chunk):
+        sim, idx = (test_f[s:s + chunk] @ train_f.T).topk(k, dim=1)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
+        votes.scatter_add_(1, train_y.to(sim.device)[idx], (sim / t).exp())
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+def central_view(images, out_size, mean, std, resize=True):
+    """The whole uint8 image [B,3,H,W], resized to the network input (antialiased) when asked, normalised."""
+    x = images.float().div(255)
+    if resize and x.shape[-1] != out_size:
+        x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", align_corners=False, antialias=True)
+    return normalize(x, mean, std)
+
+
+def probe_info(arch, stem, out_size, mean, std, patch_size=None, proj=None, proj_bias=True, views=None):
+    """What eval_linear.py needs to know about a run, saved in its checkpoint: the backbone (arch,
+    stem), the input (side, normalisation), the default representation (a bag of patch_size
+    patches for a method that trains on patches, else the whole image), the projector (for
+    --feature head1) and the method's own views (for --mode views: crop scale, ratio, augmentation)."""
+    bias = [bool(b) for b in proj_bias] if isinstance(proj_bias, (list, tuple)) else bool(proj_bias)
+    return {"arch": arch, "stem": stem, "out_size": out_size, "mean": list(mean), "std": list(std),
+            "mode": "bag" if patch_size else "central", "patch_size": patch_size, "proj": proj,
+            "proj_bias": bias, "views": views}
+
+
+@torch.no_grad()
+def probe_features(backbone, images, probe, patches=16):
+    """A run's default representation (probe_info) of uint8 images: the mean embedding of
+    `patches` patches at fixed positions (EMP-SSL Sec. 2), or of the whole image."""
+    if probe["mode"] == "bag":
+        boxes = fixed_patch_boxes(patches, probe["patch_size"], images.shape[-1])
+        return bag_of_features(backbone, images, boxes, probe["out_size"], probe["mean"], probe["std"])
+    return backbone(central_view(images, probe["out_size"], probe["mean"], probe["std"])).float()
+
+
+@torch.no_grad()
+def quick_knn(features_fn, train_set, test_set, device, n_train=5000, n_test=1000, batch=250):
+    """--eval-every probe: k=20, T=0.07 on fixed subsets of 5,000 train / 1,000 test images.
+    Uses no training randomness (the torch RNG state is restored)."""
+    state = torch.get_rng_state()
+    tr = train_set.subset(subset_indices(len(train_set), n_train, seed=1))
+    te = test_set.subset(subset_indices(len(test_set), n_test, seed=2))
+
+    def feats(ds):
+        out = []
+        for s in range(0, len(ds), batch):
+            idx = torch.arange(s, min(s + batch, len(ds)))
+            out.append(features_fn(ds.get(idx).to(device)))
+        return torch.cat(out)
+
+    pred = knn_predict(feats(tr), tr.labels.to(device), feats(te), train_set.num_classes)
+    torch.set_rng_state(state)
+    return (pred.cpu() == te.labels).float().mean().item() * 100
 
 # ---------------------------------------------------------------------------------------------
-# checkpoints and resume
+# data sets and loaders
 # ---------------------------------------------------------------------------------------------
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then os.replace: never a half-written file. A failed
-    write (full disk, no permission) or Ctrl-C removes the temporary file, keeps the old one and,
-    for a failed write, is a user error."""
-    tmp = f"{path}.tmp{os.getpid()}"
+STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+}
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "tinyimagenet": 64, "in100": 224, "synthetic": 32}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10, "tinyimagenet": 200, "in100": 100, "synthetic": 10}
+DATASETS = ("cifar10", "cifar100", "stl10", "tinyimagenet", "in100", "folder", "synthetic")
+IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+
+
+class ImageSet:
+    """A labelled image set: either uint8 `images` [N,3,S,S] held in memory, or image `files`
+    decoded on the fly (large sets such as in100) by `load_files`."""
+
+    def __init__(self, labels, num_classes, size, images=None, files=None):
+        self.labels, self.num_classes, self.size = labels, num_classes, size
+        self.images, self.files = images, files
+
+    def __len__(self):
+        return len(self.labels)
+
+    def subset(self, idx):
+        """The images at positions idx (a LongTensor) as a new ImageSet."""
+        imgs = self.images[idx] if self.images is not None else None
+        files = [self.files[i] for i in idx.tolist()] if self.files is not None else None
+        return ImageSet(self.labels[idx], self.num_classes, self.size, imgs, files)
+
+    def get(self, idx, workers=0):
+        """uint8 images [len(idx),3,S,S] on the CPU."""
+        if self.images is not None:
+            return self.images[idx]
+        return load_files([self.files[i] for i in idx.tolist()], self.size, workers)
+
+
+def decode_image(path, size):
+    """Decode one image file to uint8 [3,size,size]: resize the short side (size*8/7 for large
+    images, i.e. 256 for 224, as the ImageNet protocol), then centre crop; size None keeps the
+    full resolution. An unreadable file is reported once and replaced by a grey image."""
+    import warnings
+    from torchvision.io import ImageReadMode, decode_image, read_file
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
-        _remove(tmp)
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:120]
-        kept = "; the previous file is kept" if os.path.exists(path) else ""
-        fail(f"cannot write {path} ({reason}){kept}")
-    except BaseException:
-        _remove(tmp)
-        raise
+        with warnings.catch_warnings():  # deprecated in torchvision 0.29 for TorchCodec, still fine
+            warnings.simplefilter("ignore", DeprecationWarning)
+            img = decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except Exception:  # formats torchvision.io cannot read: fall back to PIL
+        from PIL import Image
+        try:
+            with Image.open(path) as im:
+                img = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+        except Exception as e:  # a truncated or corrupt file must not kill a days-long run
+            _report_bad_file(path, e)
+            return torch.full((3, size or 256, size or 256), 128, dtype=torch.uint8)
+    if size is None:
+        return img
+    h, w = img.shape[-2:]
+    if (h, w) != (size, size):
+        short = size if size <= 96 else round(size * 8 / 7)
+        img = torchvision.transforms.functional.resize(img, short, antialias=True)
+        img = torchvision.transforms.functional.center_crop(img, size)
+    return img
 
 
-def _remove(path):
+_BAD_FILES = set()  # per process (each DataLoader worker has its own): one warning per file
+
+
+def _report_bad_file(path, err):
+    """One stderr line per unreadable file and process; the run goes on with a grey image."""
+    if path in _BAD_FILES:
+        return
+    _BAD_FILES.add(path)
+    why = " ".join(f"{err.__class__.__name__}: {err}".split())[:200]  # one line, whatever the message
+    print(f"warning: cannot decode {path} ({why}); using a grey image instead", file=sys.stderr, flush=True)
+
+
+def load_files(files, size, workers=0):
+    """Decode a list of image files to one uint8 tensor [N,3,size,size] (unreadable files grey)."""
+    if workers > 0 and len(files) > 256:
+        from concurrent.futures import ThreadPoolExecutor  # torchvision.io releases the GIL
+        with ThreadPoolExecutor(workers) as pool:
+            return torch.stack(list(pool.map(lambda f: decode_image(f, size), files, chunksize=64)))
+    return torch.stack([decode_image(f, size) for f in files])
+
+
+def _scan_folder(root):
+    """ImageFolder layout: one sub-folder per class (sorted), images anywhere below it."""
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        for dirpath, _, names in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+            for n in sorted(names):
+                if n.lower().endswith(IMG_EXT):
+                    files.append(os.path.join(dirpath, n))
+                    labels.append(c)
+    return classes, files, labels
+
+
+def _cache_path(root, size):
+    cache = os.environ.get("EFFSSL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "effssl"))
+    key = hashlib.sha1(f"{os.path.realpath(root)}:{size}".encode()).hexdigest()[:16]
+    return os.path.join(cache, f"images-{key}.pt")
+
+
+def _folder_set(root, size, in_memory, workers):
+    classes, files, labels = _scan_folder(root)
+    if not files:
+        fail(f"no images found under {root} (expected one sub-folder per class holding image files)")
+    labels = torch.tensor(labels)
+    if not in_memory:
+        return ImageSet(labels, len(classes), size, files=files)
+    cache = _cache_path(root, size)
+    if os.path.exists(cache):  # decoded once, reused by later runs
+        blob = torch.load(cache, weights_only=True)
+        if blob["n"] == len(files) and torch.equal(blob["labels"], labels):
+            return ImageSet(labels, len(classes), size, images=blob["images"])
+    images = load_files(files, size, workers=max(workers, 2))
     try:
-        os.remove(path)
-    except OSError:
-        pass
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        atomic_save({"n": len(files), "labels": labels, "images": images}, cache)
+    except (OSError, UserError):
+        pass  # a read-only or full cache only costs the decode next time
+    return ImageSet(labels, len(classes), size, images=images)
 
 
-def load_checkpoint(path, method=None):
-    """torch.load(weights_only=True); an unreadable or foreign file is a user error."""
-    if not os.path.isfile(path):
-        fail(f"checkpoint '{path}' not found")
+def synthetic_set(split, seed=0, n=None):
+    """Procedural 32x32 images whose class is carried by local texture (orientation and period
+    of a grating, sign of the orientation random), under nuisance colour, contrast, position
+    (phase) and noise. The colour is a smooth random field (4 x 4 random control colours,
+    bicubic), so it differs between two patches of one image: patches co-occur within an image
+    by texture, not by one shared colour, and an SSL objective cannot match two views by colour
+    alone. A random network is dominated by the colour and is not already good at the task."""
+    n = n or (10000 if split == "train" else 2000)
+    g = torch.Generator().manual_seed(seed * 7919 + (0 if split == "train" else 1))
+    labels = torch.arange(n) % 10
+    labels = labels[torch.randperm(n, generator=g)]
+    theta = (labels % 5).float() * (math.pi / 10) + math.pi / 20  # 5 orientations in (0, pi/2)
+    theta = theta * (torch.randint(0, 2, (n,), generator=g) * 2 - 1)  # sign is a nuisance (flip)
+    period = torch.where(labels < 5, 4.0, 9.0)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    phase = torch.rand(n, generator=g) * 2 * math.pi
+    u = xx[None] * torch.cos(theta)[:, None, None] + yy[None] * torch.sin(theta)[:, None, None]
+    tex = torch.sin(2 * math.pi * u / period[:, None, None] + phase[:, None, None])  # [n,32,32]
+    amp = 0.15 + 0.2 * torch.rand(n, 1, 1, 1, generator=g)
+    ctrl = 0.15 + 0.7 * torch.rand(n, 3, 4, 4, generator=g)  # nuisance colour field
+    base = F.interpolate(ctrl, size=(32, 32), mode="bicubic", align_corners=True)
+    img = base + amp * tex[:, None] + 0.05 * torch.randn(n, 3, 32, 32, generator=g)
+    images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    return ImageSet(labels, 10, 32, images=images)
+
+
+def _torchvision_set(name, root, split):
+    """CIFAR / STL-10 in torchvision's own format under root, or None when it is not there."""
+    tv = torchvision.datasets
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"cannot read checkpoint '{path}' ({e.__class__.__name__}): not a torch checkpoint or not safe to load")
-    if not isinstance(ckpt, dict) or "method" not in ckpt or "backbone" not in ckpt:
-        fail(f"checkpoint '{path}' was not written by an effssl method script")
-    if method is not None and ckpt["method"] != method:
-        fail(f"checkpoint '{path}' belongs to {ckpt['method']}, not {method}")
-    return ckpt
+        if name in ("cifar10", "cifar100"):
+            cls = tv.CIFAR10 if name == "cifar10" else tv.CIFAR100
+            ds = cls(root, train=(split == "train"), download=False)
+            images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+            labels = torch.tensor(ds.targets)
+        elif name == "stl10":
+            splits = {"train": ["train"], "test": ["test"], "ssl": ["unlabeled", "train"]}[split]
+            sets = [tv.STL10(root, split=s, download=False) for s in splits]
+            images = torch.cat([torch.from_numpy(s.data) for s in sets])
+            labels = torch.cat([torch.from_numpy(s.labels).long() for s in sets])
+        else:
+            return None
+    except RuntimeError:  # "Dataset not found or corrupted"
+        return None
+    return ImageSet(labels, NUM_CLASSES[name], IMAGE_SIZE[name], images=images)
 
 
-def rng_state(generator):
-    """Every random state a resumed run needs to continue exactly."""
-    state = {"torch": torch.get_rng_state(), "gen": generator.get_state(), "numpy": _np_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+def load_dataset(name, data_dir, split, image_size=None, workers=0, download=False, seed=0):
+    """Load split ('train', 'test' or 'ssl' = the SSL training set) of a data set as an ImageSet
+    of uint8 images of the data set's fixed size. Missing data: one clear error (exit 2)."""
+    if name not in DATASETS:
+        fail(f"unknown data set '{name}' (choose from {', '.join(DATASETS)})")
+    if name == "synthetic":
+        return synthetic_set("train" if split in ("train", "ssl") else "test", seed)
+    size = image_size or IMAGE_SIZE.get(name)
+    if size is None:
+        fail("--dataset folder needs --image-size")
+    if split == "ssl":
+        split = "train" if name != "stl10" else "ssl"
+    if download and data_dir and name in ("cifar10", "cifar100", "stl10"):
+        os.makedirs(data_dir, exist_ok=True)  # torchvision downloads into it
+    if not data_dir or not os.path.isdir(data_dir):
+        hint = " or pass --download" if name in ("cifar10", "cifar100", "stl10") else ""
+        fail(f"data directory '{data_dir}' not found: expected {layout_hint(name)}{hint}")
+    if name in ("cifar10", "cifar100", "stl10"):
+        ds = _torchvision_set(name, data_dir, split)
+        if ds is None and download:
+            tv = torchvision.datasets
+            try:
+                if name == "stl10":
+                    tv.STL10(data_dir, split="train", download=True)
+                else:
+                    (tv.CIFAR10 if name == "cifar10" else tv.CIFAR100)(data_dir, download=True)
+            except Exception as e:
+                fail(f"could not download {name} into {data_dir}: {e.__class__.__name__}")
+            ds = _torchvision_set(name, data_dir, split)
+        if ds is not None:
+            return ds
+    sub = {"train": ["train"], "ssl": ["unlabeled", "train"], "test": ["test", "val"]}[split]
+    for s in sub:
+        root = os.path.join(data_dir, s)
+        if os.path.isdir(root):
+            return _folder_set(root, size, in_memory=size <= 96, workers=workers)
+    fail(f"data directory '{data_dir}' does not hold {name}: expected {layout_hint(name)}")
 
 
-def set_rng_state(state, generator):
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["gen"])
-    np.random.set_state(("MT19937", state["numpy"][0].numpy(), int(state["numpy"][1]), 0, 0.0))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def layout_hint(name):
+    """The layout load_dataset expects for a data set, for error messages."""
+    tv = {"cifar10": "cifar-10-batches-py/", "cifar100": "cifar-100-python/", "stl10": "stl10_binary/"}
+    folder = "train/<class>/*.jpg and test/<class>/*.jpg (or val/)"
+    if name in tv:
+        return f"torchvision's {tv[name]} or an ImageFolder tree {folder}"
+    return f"an ImageFolder tree {folder}"
 
 
-def _np_state():
-    s = np.random.get_state()
-    return [torch.from_numpy(s[1].astype(np.int64)), torch.tensor(s[2])]
+def data_stats(name):
+    """(mean, std) per channel for normalisation."""
+    return STATS.get(name, IMAGENET_STATS)
 
 
-def make_generator(seed, rank, device):
-    """The per-rank generator for patches and augmentations (seeded, saved in checkpoints)."""
-    g = torch.Generator(device=device)
-    g.manual_seed(seed * 1000 + rank)
-    return g
+def subset_indices(n, k, seed=0):
+    """The first k of a fixed seeded permutation of range(n) (--subset, --train-fraction)."""
+    if k >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
 
 
-def crash_for_test(step):
-    """Test hook: EFFSSL_CRASH_AT_STEP=k makes the process die hard (no cleanup) after step k,
-    as a killed worker would; resume tests use it."""
-    if os.environ.get("EFFSSL_CRASH_AT_STEP") == str(step):
-        os._exit(137)
+def steps_per_epoch(n, batch_size):
+    """Optimizer steps per epoch (the last incomplete global batch is dropped)."""
+    return n // batch_size
 
+
+def epoch_batches(ds, batch_size, epoch, seed, rank=0, world=1, start=0, workers=0, views=None):
+    """Yield (uint8 images, labels, indices) of this rank's slice of each global batch.
+
+    The order is a permutation seeded by (seed, epoch), the same on every rank; rank r takes the
+    r-th slice of every global batch, so the ranks together see exactly the batches a single
+    process would. `start` skips the first batches (resume mid-epoch). `views(files, generator)`
+    (file data sets only, a picklable function) replaces the decode in the workers, e.g. crops of
+    the full-resolution images; its generator is seeded by (seed, epoch, step, rank), so the crops
+    depend neither on the number of workers nor on a resume."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    perm = torch.randperm(len(ds), generator=g)
+    local = batch_size // world
+    steps = steps_per_epoch(len(ds), batch_size)
+    chunks = [perm[s * batch_size + rank * local: s * batch_size + (rank + 1) * local] for s in range(start, steps)]
+    if ds.images is not None:
+        for idx in chunks:
+            yield ds.images[idx], ds.labels[idx], idx
+        return
+    seeds = [(seed, epoch, s, rank) for s in range(start, steps)]
+    # a views batch is n times larger (200 x 224 px patches of 25 images: 750 MB): prefetch less
+    prefetch = (2 if views is not None else 4) if workers else None
+    loader = torch.utils.data.DataLoader(_FileBatches(ds, chunks, views, seeds), batch_size=None, num_workers=workers,
+                                         pin_memory=torch.cuda.is_available(), prefetch_factor=prefetch,
+                                         persistent_workers=False)
+    for (imgs, idx) in loader:
+        yield imgs, ds.labels[idx], idx
+
+
+class _FileBatches(torch.utils.data.Dataset):
+    """Decode one precomputed batch of files per item (DataLoader workers do the decoding)."""
+
+    def __init__(self, ds, chunks, views=None, seeds=None):
+        self.ds, self.chunks, self.views, self.seeds = ds, chunks, views, seeds
+
+    def __len__(self):
+        return len(self.chunks)
+
+    def __getitem__(self, i):
+        files = [self.ds.files[j] for j in self.chunks[i].tolist()]
+        if self.views is None:
+            return load_files(files, self.ds.size), self.chunks[i]
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence(self.seeds[i]).generate_state(1)[0]))
+        return self.views(files, g), self.chunks[i]
 
 # ---------------------------------------------------------------------------------------------
-# command line, run set-up, logging
+# command line
 # ---------------------------------------------------------------------------------------------
+
+
+class UserError(Exception):
+    """A mistake in the command line or the inputs: reported as one line on stderr, exit 2."""
+
+
+def fail(msg):
+    """Stop with one clear line on stderr and exit code 2 (a user mistake, never a traceback)."""
+    raise UserError(msg)
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -1075,74 +963,242 @@ def autocast(args, device):
         return torch.autocast(device.type, enabled=False)
     return torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
 
-
-def check_finite(loss, step, out):
-    """A non-finite loss stops the run with the step number; the last good checkpoint stays."""
-    if not torch.isfinite(loss).all():
-        print(f"error: non-finite loss at step {step}; stopping, last good checkpoint kept in {out}",
-              file=sys.stderr, flush=True)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        sys.exit(3)
+# ---------------------------------------------------------------------------------------------
+# checkpoints and the run
+# ---------------------------------------------------------------------------------------------
 
 
-class Logger:
-    """Rank-0 progress lines (loss terms, lr, patches/s, ETA to the step the run stops at),
-    args.json and metrics.jsonl (each step once, across resumes)."""
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then os.replace: never a half-written file. A failed
+    write (full disk, no permission) or Ctrl-C removes the temporary file, keeps the old one and,
+    for a failed write, is a user error."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        _remove(tmp)
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:120]
+        kept = "; the previous file is kept" if os.path.exists(path) else ""
+        fail(f"cannot write {path} ({reason}){kept}")
+    except BaseException:
+        _remove(tmp)
+        raise
 
-    def __init__(self, args, total_steps, start_step=0, last_step=None):
-        self.out, self.total = args.out, total_steps
-        self.last = last_step or total_steps
-        self.main = is_main()
-        self.t0, self.s0, self.n = time.time(), start_step, 0
-        self.tl = self.t0
-        PROGRESS["step"] = start_step
-        if not self.main:
-            return
-        os.makedirs(self.out, exist_ok=True)
-        metrics = os.path.join(self.out, "metrics.jsonl")
-        if start_step == 0:  # a fresh run: this folder's args and an empty log
-            with open(os.path.join(self.out, "args.json"), "w") as f:
-                json.dump(vars(args), f, indent=1)
+
+def _remove(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path, method=None):
+    """torch.load(weights_only=True); an unreadable or foreign file is a user error."""
+    if not os.path.isfile(path):
+        fail(f"checkpoint '{path}' not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"cannot read checkpoint '{path}' ({e.__class__.__name__}): not a torch checkpoint or not safe to load")
+    if not isinstance(ckpt, dict) or "method" not in ckpt or "backbone" not in ckpt:
+        fail(f"checkpoint '{path}' was not written by an effssl method script")
+    if method is not None and ckpt["method"] != method:
+        fail(f"checkpoint '{path}' belongs to {ckpt['method']}, not {method}")
+    return ckpt
+
+
+def rng_state(generator):
+    """Every random state a resumed run needs to continue exactly."""
+    state = {"torch": torch.get_rng_state(), "gen": generator.get_state(), "numpy": _np_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state, generator):
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["gen"])
+    np.random.set_state(("MT19937", state["numpy"][0].numpy(), int(state["numpy"][1]), 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _np_state():
+    s = np.random.get_state()
+    return [torch.from_numpy(s[1].astype(np.int64)), torch.tensor(s[2])]
+
+
+def make_generator(seed, rank, device):
+    """The per-rank generator for patches and augmentations (seeded, saved in checkpoints)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed * 1000 + rank)
+    return g
+
+
+def unwrap(model):
+    """The module under DDP and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+class Run:
+    """One training run in its folder --out, around a method's loop:
+
+        run = common.Run(args, model, optimizer, gen, train, probe, patches=n * B, state=state)
+        for imgs, labels, idx in run.batches():   # every epoch from the resume point to the last step
+            ... loss.backward(); optimizer.step()
+            run.step(terms, lr)                   # terms["loss"] is checked, logged, checkpointed
+
+    It owns the run folder (args.json, metrics.jsonl, checkpoint.pt written atomically by rank 0),
+    --resume (model, optimiser, every rank's RNG state, method `state` such as a memory bank or an
+    EMA target), the progress line (loss terms, lr, patches/s, ETA), --save-every and epoch-end
+    checkpoints, the --eval-every k-NN probe on `probe`'s features, a non-finite loss (exit 3,
+    the last good checkpoint kept) and the closing line. `probe` (probe_info) is saved in the
+    checkpoint: it is what eval_linear.py needs to know about the run."""
+
+    active = None  # the run in progress, for run_cli's Ctrl-C line
+
+    def __init__(self, args, model, optimizer, generator, train, probe, patches, state=None):
+        self.args, self.model, self.optimizer, self.gen, self.train = args, model, optimizer, generator, train
+        self.probe, self.patches, self.state = probe, patches, state if state is not None else {}
+        self.path = os.path.join(args.out, "checkpoint.pt")
+        self.steps_per_epoch = steps_per_epoch(len(train), args.batch_size)
+        self.total = self.steps_per_epoch * args.epochs
+        self.horizon = self.steps_per_epoch * (args.schedule_epochs or args.epochs)  # the lr schedule's length
+        self.last = min(self.total, args.max_steps or self.total)  # the step this run stops at
+        self.steps, self.saved, self.epoch = 0, None, 0
+        Run.active = self
+        if args.resume and os.path.exists(self.path):
+            self._resume()
+        self.s0, self.t0 = self.steps, time.time()
+        self.t_line, self.n_line = self.t0, 0
+        if is_main():
+            self._open_metrics()
+
+    def _resume(self):
+        ckpt = load_checkpoint(self.path, self.args.method)
+        changed = recipe_changes(ckpt.get("args", {}), self.args)
+        if changed:
+            was = ", ".join(f"--{k.replace('_', '-')} {ckpt['args'][k]} (now {getattr(self.args, k)})" for k in changed)
+            fail(f"--resume with other recipe flags than the run in {self.args.out}: {was}; "
+                 f"use the run's flags or another --out")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            fail(f"checkpoint '{self.path}' does not fit this model ({str(e).splitlines()[0][:100]})")
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)], self.gen)
+        self.state.update(ckpt.get("state", {}))
+        self.steps = self.saved = ckpt["step"]
+        if is_main():
+            print(f"resumed from {self.path} at step {self.steps}", flush=True)
+
+    def _open_metrics(self):
+        """A fresh run: this folder's args.json and an empty metrics.jsonl; a resumed one: drop
+        what was logged after the checkpoint, so that every step appears once."""
+        os.makedirs(self.args.out, exist_ok=True)
+        metrics = os.path.join(self.args.out, "metrics.jsonl")
+        if self.steps == 0:
+            with open(os.path.join(self.args.out, "args.json"), "w") as f:
+                json.dump(vars(self.args), f, indent=1)
             _remove(metrics)
-        elif os.path.exists(metrics):  # resumed: drop what was logged after the checkpoint
+        elif os.path.exists(metrics):
             with open(metrics) as f:
-                keep = [line for line in f if _logged_step(line) <= start_step]
+                keep = [line for line in f if _logged_step(line) <= self.steps]
             with open(metrics + ".tmp", "w") as f:
                 f.writelines(keep)
             os.replace(metrics + ".tmp", metrics)
 
+    def batches(self, views=None):
+        """(uint8 images, labels, indices) of this rank's slice of every global batch, epoch after
+        epoch from the resume point, until the last step; a checkpoint and the --eval-every probe at
+        each epoch end; the closing line at the end (epoch_batches: `views`)."""
+        a, spe = self.args, self.steps_per_epoch
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        for self.epoch in range(self.steps // spe, a.epochs):
+            if self.steps >= self.last:  # a resumed run that already reached --max-steps
+                break
+            self.model.train()
+            for batch in epoch_batches(self.train, a.batch_size, self.epoch, a.seed, rank, world,
+                                       self.steps - self.epoch * spe, a.workers, views):
+                yield batch
+                if self.steps >= self.last:
+                    break
+            self.save()
+            if a.eval_every and ((self.epoch + 1) % a.eval_every == 0 or self.steps >= self.last):
+                self._knn_probe()
+        self._close()
+
+    def step(self, terms, lr):
+        """After each optimizer step: stop on a non-finite loss, then log, checkpoint, count."""
+        if not torch.isfinite(terms["loss"]).all():
+            print(f"error: non-finite loss at step {self.steps + 1}; stopping, last good checkpoint kept in "
+                  f"{self.args.out}", file=sys.stderr, flush=True)
+            _close_group()
+            sys.exit(3)
+        self.steps += 1
+        self.n_line += self.patches
+        a, s = self.args, self.steps
+        if is_main() and (s % a.log_every == 0 or s == self.last or s == self.s0 + 1):
+            now = time.time()
+            rate = self.n_line / max(now - self.t_line, 1e-9)
+            eta = (now - self.t0) / max(s - self.s0, 1) * (self.last - s)
+            terms = {k: float(v) for k, v in terms.items()}
+            body = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
+            print(f"epoch {self.epoch} step {s}/{self.last} {body} lr {lr:.4g} patches/s {rate:.0f} "
+                  f"eta {eta / 60:.1f} min", flush=True)
+            self.write({"epoch": self.epoch, "step": s, **terms, "lr": lr, "patches_per_s": rate,
+                        "elapsed_s": now - self.t0})
+            self.t_line, self.n_line = now, 0
+        if s % a.save_every == 0:
+            self.save()
+        if os.environ.get("EFFSSL_CRASH_AT_STEP") == str(s):  # test hook: die as a killed worker would
+            os._exit(137)
+
+    def save(self):
+        """checkpoint.pt, written atomically by rank 0, with every rank's RNG state."""
+        states = [rng_state(self.gen)]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, rng_state(self.gen))
+        if is_main():
+            os.makedirs(self.args.out, exist_ok=True)
+            model = unwrap(self.model)
+            atomic_save({"method": self.args.method, "args": vars(self.args), "epoch": self.steps // self.steps_per_epoch,
+                         "step": self.steps, "backbone": model.backbone.state_dict(), "model": model.state_dict(),
+                         "optimizer": self.optimizer.state_dict(), "rng": states, "state": self.state,
+                         "probe": self.probe}, self.path)
+        self.saved = self.steps
+
     def write(self, record):
-        if self.main:
-            with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
+        if is_main():
+            with open(os.path.join(self.args.out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def elapsed(self):
-        return time.time() - self.t0
+    def _knn_probe(self):
+        """--eval-every: k-NN top-1 on fixed subsets (quick_knn), by rank 0, logged to metrics.jsonl."""
+        if is_main():
+            a, backbone = self.args, unwrap(self.model).backbone
+            if not hasattr(self, "test"):
+                self.test = load_dataset(a.dataset, a.data_dir, "test", a.image_size, a.workers, seed=a.seed)
+            self.model.eval()
+            acc = quick_knn(lambda imgs: probe_features(backbone, imgs, self.probe), self.train, self.test,
+                            next(backbone.parameters()).device)
+            self.model.train()
+            self.write({"epoch": self.epoch + 1, "step": self.steps, "knn_top1": acc, "elapsed_s": time.time() - self.t0})
+            print(f"epoch {self.epoch + 1} knn top-1 {acc:.2f}", flush=True)
+        if dist.is_initialized():
+            dist.barrier()
 
-    def step(self, epoch, step, terms, lr, patches, every):
-        """Call after every optimizer step with the global patches of that step."""
-        PROGRESS["step"] = step
-        self.n += patches
-        if not self.main or (step % every and step != self.last and step != self.s0 + 1):
-            return
-        now = time.time()
-        rate = self.n / max(now - self.tl, 1e-9)
-        eta = (now - self.t0) / max(step - self.s0, 1) * (self.last - step)
-        terms = {k: float(v) for k, v in terms.items()}
-        body = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
-        print(f"epoch {epoch} step {step}/{self.last} {body} lr {lr:.4g} patches/s {rate:.0f} "
-              f"eta {eta / 60:.1f} min", flush=True)
-        self.write({"epoch": epoch, "step": step, **terms, "lr": lr, "patches_per_s": rate,
-                    "elapsed_s": now - self.t0})
-        self.tl, self.n = now, 0
-
-    def finish(self, step):
-        """The closing line: how many steps ran and where the checkpoint is."""
-        if self.main:
-            left = f" of {self.total}" if step < self.total else ""
-            print(f"done: ran steps {self.s0 + 1}-{step}{left} in {self.elapsed() / 60:.1f} min; "
-                  f"checkpoint {os.path.join(self.out, 'checkpoint.pt')} (step {step})", flush=True)
+    def _close(self):
+        if is_main():
+            left = f" of {self.total}" if self.steps < self.total else ""
+            print(f"done: ran steps {self.s0 + 1}-{self.steps}{left} in {(time.time() - self.t0) / 60:.1f} min; "
+                  f"checkpoint {self.path} (step {self.steps})", flush=True)
+        Run.active = None
+        _close_group()
 
 
 def _logged_step(line):
@@ -1153,195 +1209,32 @@ def _logged_step(line):
         return math.inf
 
 
-def open_run(args, generator, model, optimizer, method_state=None):
-    """Resume from <out>/checkpoint.pt when --resume and it exists: load model, optimiser, RNG
-    and method state in place. Returns the global step to start from (0 for a fresh run).
-    A checkpoint of another recipe (changed flags) is a user error naming the flags."""
-    path = os.path.join(args.out, "checkpoint.pt")
-    PROGRESS["saved"] = None
-    if not (args.resume and os.path.exists(path)):
-        return 0
-    ckpt = load_checkpoint(path, args.method)
-    changed = recipe_changes(ckpt.get("args", {}), args)
-    if changed:
-        was = ", ".join(f"--{k.replace('_', '-')} {ckpt['args'][k]} (now {getattr(args, k)})" for k in changed)
-        fail(f"--resume with other recipe flags than the run in {args.out}: {was}; "
-             f"use the run's flags or another --out")
+def run_cli(main, training=True):
+    """Call main(); a UserError becomes 'error: ...' on stderr and exit code 2, Ctrl-C one line
+    saying where the run stopped (training=True: its step and last checkpoint) and exit code 130."""
     try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        fail(f"checkpoint '{path}' does not fit this model ({str(e).splitlines()[0][:100]})")
-    set_rng_state(ckpt["rng"][min(dist.get_rank() if dist.is_initialized() else 0, len(ckpt["rng"]) - 1)], generator)
-    if method_state is not None:
-        for k, v in ckpt.get("state", {}).items():
-            method_state[k] = v
-    PROGRESS["saved"] = ckpt["step"]
-    if is_main():
-        print(f"resumed from {path} at step {ckpt['step']}", flush=True)
-    return ckpt["step"]
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        _close_group()
+        sys.exit(2)
+    except KeyboardInterrupt:
+        run = Run.active
+        if not training:
+            print("interrupted", file=sys.stderr, flush=True)
+        elif run is None or run.steps == 0 and run.saved is None:
+            print("interrupted before the first step", file=sys.stderr, flush=True)
+        else:
+            ckpt = f"last checkpoint at step {run.saved}: rerun with --resume" if run.saved is not None \
+                else "no checkpoint yet"
+            print(f"interrupted at step {run.steps}, {ckpt}", file=sys.stderr, flush=True)
+        _close_group()
+        sys.exit(130)
 
 
-def save_run(args, step, epoch, backbone, model, optimizer, generator, method_state=None):
-    """Write <out>/checkpoint.pt atomically on rank 0, with every rank's RNG state."""
-    states = [rng_state(generator)]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        states = [None] * dist.get_world_size()
-        dist.all_gather_object(states, rng_state(generator))
-    if is_main():
-        os.makedirs(args.out, exist_ok=True)
-        atomic_save({"method": args.method, "args": vars(args), "epoch": epoch, "step": step,
-                     "backbone": unwrap(backbone).state_dict(), "model": unwrap(model).state_dict(),
-                     "optimizer": optimizer.state_dict(), "rng": states, "state": method_state or {}},
-                    os.path.join(args.out, "checkpoint.pt"))
-    PROGRESS["saved"] = step
-
-
-def unwrap(model):
-    """The module under DDP and torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
-# ---------------------------------------------------------------------------------------------
-# probes (shared by eval_linear.py and the --eval-every quick k-NN)
-# ---------------------------------------------------------------------------------------------
-
-
-def fixed_patch_boxes(n, size, image_size, seed=0):
-    """n patch positions drawn once from a fixed seed: identical for every image and run."""
-    g = torch.Generator().manual_seed(seed)
-    top = torch.randint(0, image_size - size + 1, (n,), generator=g)
-    left = torch.randint(0, image_size - size + 1, (n,), generator=g)
-    return torch.stack([top, left, torch.full_like(top, size), torch.full_like(top, size)], 1)
-
-
-@torch.no_grad()
-def bag_of_features(backbone, images, boxes, out_size, mean, std, chunk=2048, aug=None, generator=None):
-    """Bag-of-features (EMP-SSL Sec. 2): mean of the backbone embeddings of the patches at
-    `boxes` of each uint8 image in `images` [B,3,H,W] (on the backbone's device). boxes [n,4]
-    are the same n positions in every image; boxes [n,B,4] give each image its own."""
-    b, n = images.shape[0], boxes.shape[0]
-    x = images.float().div(255).repeat(n, 1, 1, 1)
-    bx = boxes.to(images.device)  # view-major: patch i of every image
-    bx = bx.repeat_interleave(b, 0) if bx.dim() == 2 else bx.reshape(n * b, 4)
-    feats = []
-    for s in range(0, n * b, chunk):
-        p = resized_crops(x[s:s + chunk], bx[s:s + chunk], out_size)
-        p = augment(p, aug, generator) if aug is not None else normalize(p, mean, std)
-        feats.append(backbone(p).float())
-    return torch.cat(feats).reshape(n, b, -1).mean(0)
-
-
-@torch.no_grad()
-def knn_predict(train_f, train_y, test_f, num_classes, k=20, t=0.07, chunk=512):
-    """Weighted k-NN (NPID protocol): cosine similarity on L2-normalised features, vote
-    weight exp(s/T). Returns predicted labels of test_f."""
-    train_f, test_f = F.normalize(train_f.float(), dim=1), F.normalize(test_f.float(), dim=1)
-    k = min(k, len(train_f))
-    preds = []
-    for s in range(0, len(test_f), chunk):
-        sim, idx = (test_f[s:s + chunk] @ train_f.T).topk(k, dim=1)
-        votes = torch.zeros(len(sim), num_classes, device=sim.device)
-        votes.scatter_add_(1, train_y.to(sim.device)[idx], (sim / t).exp())
-        preds.append(votes.argmax(1))
-    return torch.cat(preds)
-
-
-@torch.no_grad()
-def quick_knn(features_fn, train_set, test_set, device, n_train=5000, n_test=1000, batch=250):
-    """--eval-every probe: k=20, T=0.07 on fixed subsets of 5,000 train / 1,000 test images.
-    Uses no training randomness (the torch RNG state is restored)."""
-    state = torch.get_rng_state()
-    tr = train_set.subset(subset_indices(len(train_set), n_train, seed=1))
-    te = test_set.subset(subset_indices(len(test_set), n_test, seed=2))
-
-    def feats(ds):
-        out = []
-        for s in range(0, len(ds), batch):
-            idx = torch.arange(s, min(s + batch, len(ds)))
-            out.append(features_fn(ds.get(idx).to(device)))
-        return torch.cat(out)
-
-    pred = knn_predict(feats(tr), tr.labels.to(device), feats(te), train_set.num_classes)
-    torch.set_rng_state(state)
-    return (pred.cpu() == te.labels).float().mean().item() * 100
-
-
-# ---------------------------------------------------------------------------------------------
-# plots of metrics.jsonl (python common.py plot RUN [RUN ...])
-# ---------------------------------------------------------------------------------------------
-
-
-def read_metrics(run):
-    """(step records, k-NN records) of a run folder's metrics.jsonl."""
-    path = os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
-    if not os.path.isfile(path):
-        fail(f"no metrics.jsonl in {run}")
-    steps, evals = [], []
-    with open(path) as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue  # a torn last line of a killed run
-            (evals if "knn_top1" in r else steps).append(r)
-    return steps, evals
-
-
-def plot_runs(runs, out):
-    """One PNG: every logged loss term against step, and the k-NN accuracy against step and
-    against minutes, the runs overlaid."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        fail("plot needs matplotlib, an optional dependency: pip install matplotlib")
-    data = {os.path.basename(os.path.normpath(r)) or r: read_metrics(r) for r in runs}
-    skip = {"epoch", "step", "lr", "patches_per_s", "elapsed_s"}
-    terms = sorted({k for s, _ in data.values() for r in s for k in r if k not in skip})
-    has_knn = any(e for _, e in data.values())
-    panels = [(t, "step") for t in terms] + ([("knn_top1", "step"), ("knn_top1", "minutes")] if has_knn else [])
-    if not panels:
-        fail("nothing to plot: the metrics hold no logged step")
-    cols = min(3, len(panels))
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, (key, x) in zip(axes.flat, panels):
-        for name, (steps, evals) in data.items():
-            recs = [r for r in (evals if key == "knn_top1" else steps) if key in r]
-            xs = [r["step"] if x == "step" else r.get("elapsed_s", 0) / 60 for r in recs]
-            ax.plot(xs, [r[key] for r in recs], marker="o" if key == "knn_top1" else None, ms=3, label=name)
-        ax.set_xlabel(x)
-        ax.set_title("k-NN top-1 (%)" if key == "knn_top1" else key)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
-
-
-def main():
-    p = ArgParser(description="effssl helpers: build-in100, plot")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build-in100", help="ImageFolder tree of symlinks for ImageNet-100 (CMC classes)")
-    b.add_argument("--imagenet", required=True, help="full ImageNet folder holding train/ and val/")
-    b.add_argument("--out", required=True, help="where to create in100/{train,val}")
-    q = sub.add_parser("plot", help="loss terms and k-NN accuracy of run folders in one PNG (needs matplotlib)")
-    q.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files), overlaid")
-    q.add_argument("--out", default=None, help="PNG path (default: <first run>/plot.png)")
-    args = p.parse_args()
-    if args.cmd == "build-in100":
-        if not os.path.isdir(args.imagenet):
-            fail(f"ImageNet folder '{args.imagenet}' not found")
-        build_in100(args.imagenet, args.out)
-    elif args.cmd == "plot":
-        first = args.runs[0] if os.path.isdir(args.runs[0]) else os.path.dirname(args.runs[0]) or "."
-        plot_runs(args.runs, args.out or os.path.join(first, "plot.png"))
-
-
-if __name__ == "__main__":
-    run_cli(main, training=False)
+def _close_group():
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a peer already gone: nothing left to close
+            pass

@@ -14,11 +14,10 @@ Paper: Tong, Chen, Ma, LeCun, "EMP-SSL: Towards Self-Supervised Learning in One 
   then the paper's probe, a 128-patch bag of backbone embeddings (Sec. 3):
     python eval_linear.py --ckpt runs/emp-t2 --mode bag --patches 128
 The paper recipe holds 200 x 100 = 20,000 patches a step: a GPU's work (README, "What the paper
-recipes cost"); there add --channels-last (2.3x over bf16 alone on an H200, results/gpu.md).
+recipes cost"); there add --channels-last (measured speeds: docs/results.md).
 Multi-GPU (batch is global): torchrun --nproc_per_node=4 emp_ssl.py --dataset in100
 """
 import functools
-import os
 
 import torch
 import torch.nn as nn
@@ -85,6 +84,19 @@ def emp_loss(Z, eps2=0.2, lam=200.0):
 # --- model ----------------------------------------------------------------------------------
 
 
+def forward_checkpointed(backbone, x):
+    """backbone(x) recomputing activations block by block in backward (--grad-checkpoint):
+    only block inputs are kept. Each block sees the whole batch, so BatchNorm statistics and
+    gradients equal the plain forward (running statistics are updated twice per step)."""
+    from torch.utils.checkpoint import checkpoint
+    b = backbone
+    x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+    for layer in (b.layer1, b.layer2, b.layer3, b.layer4):
+        for block in layer:
+            x = checkpoint(block, x, use_reentrant=False)
+    return torch.flatten(b.avgpool(x), 1)
+
+
 class EMPNet(nn.Module):
     """ResNet backbone -> projector -> L2-normalised z (Sec. 2, "Architecture")."""
 
@@ -95,8 +107,30 @@ class EMPNet(nn.Module):
         self.grad_checkpoint = grad_checkpoint
 
     def forward(self, x):
-        h = common.forward_checkpointed(self.backbone, x) if self.grad_checkpoint else self.backbone(x)
+        h = forward_checkpointed(self.backbone, x) if self.grad_checkpoint else self.backbone(x)
         return F.normalize(self.projector(h), dim=1)
+
+
+# --- the authors' patch sampler on image files (--patch-sampler official) -----------------
+
+
+def rrc_views(img, n, out_size, scale, ratio, generator=None):
+    """n RandomResizedCrop(out_size, scale, ratio) views of one uint8 image [3,H,W], bicubic and
+    antialiased as torchvision's transform: (uint8 [n,3,out,out], boxes [n,4] top-left-h-w)."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2.functional import resized_crop
+    boxes = common.random_resized_boxes(n, img.shape[-2], img.shape[-1], scale, ratio, generator)
+    out = [resized_crop(img, *b.tolist(), [out_size, out_size], interpolation=InterpolationMode.BICUBIC,
+                        antialias=True) for b in boxes]
+    return torch.stack(out), boxes
+
+
+def rrc_file_views(files, generator, n, out_size, scale=(0.25, 0.25), ratio=(3 / 4, 4 / 3)):
+    """--patch-sampler official on image files (common.epoch_batches `views`): n RandomResizedCrop views of each full-resolution image file, view-major
+    uint8 [n*b,3,out,out] (row i*b + j is view i of image j), as sample_patches orders patches.
+    Defaults: the EMP-SSL authors' ImageNet crop (Tong, Chen, Ma, LeCun 2023, arXiv:2304.03977)."""
+    per_image = [rrc_views(common.decode_image(f, None), n, out_size, scale, ratio, generator)[0] for f in files]
+    return torch.stack(per_image, 1).flatten(0, 1)
 
 
 # --- training -------------------------------------------------------------------------------
@@ -132,76 +166,40 @@ def main(argv=None):
         model = model.to(memory_format=torch.channels_last)
     optimizer = common.LARS(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, eta=args.eta)
     gen = common.make_generator(args.seed, rank, device)
-    step = common.open_run(args, gen, model, optimizer)
+    n, B = args.patches, args.batch_size
+    probe = common.probe_info(args.arch, args.stem, args.out_size, args.norm_mean, args.norm_std,
+                              patch_size=args.patch_size, proj=args.proj)  # the bag of features, Sec. 2
+    run = common.Run(args, model, optimizer, gen, train, probe, patches=n * B)
     net = common.wrap_ddp(model, device, not args.no_sync_bn)
     if args.compile:
         net = torch.compile(net)
-    aug = common.AugConfig(mean=args.norm_mean, std=args.norm_std)
-
-    n, B = args.patches, args.batch_size
-    spe = common.steps_per_epoch(len(train), B)
-    total = spe * args.epochs
-    horizon = spe * (args.schedule_epochs or args.epochs)  # the schedule's length (--schedule-epochs)
-    last = min(total, args.max_steps or total)
-    log = common.Logger(args, total, step, last)
-    test = common.load_dataset(args.dataset, args.data_dir, "test", args.image_size, args.workers, seed=args.seed) \
-        if args.eval_every else None
-    boxes = common.fixed_patch_boxes(16, args.patch_size, train.size)
+    aug = common.AugConfig(mean=args.norm_mean, std=args.norm_std)  # A.1: VICReg's augmentations
     # --patch-sampler official on image files: crops of the full-resolution image, cut in the workers
-    views = functools.partial(common.rrc_file_views, n=n, out_size=args.out_size) \
+    views = functools.partial(rrc_file_views, n=n, out_size=args.out_size) \
         if args.patch_sampler == "official" and train.files is not None else None
 
-    def features(imgs):  # quick probe: 16-patch bag of backbone embeddings
-        return common.bag_of_features(model.backbone, imgs, boxes, args.out_size, args.norm_mean, args.norm_std)
-
-    for epoch in range(step // spe, args.epochs):
-        model.train()
-        for imgs, _, _ in common.epoch_batches(train, B, epoch, args.seed, rank, world, step - epoch * spe, args.workers,
-                                               views=views):
-            if step >= last:  # a resumed run that already reached --max-steps
-                break
-            lr = common.cosine_lr(step, horizon, args.lr)  # cosine to 0, no warm-up (Sec. 3)
-            common.set_lr(optimizer, lr)
-            if views is not None:  # --patch-sampler official: the workers sent view-major uint8 [n*b,3,out,out]
-                x = imgs.to(device, non_blocking=True).float().div_(255)
-            elif args.patch_sampler == "official":  # in memory: RandomResizedCrop(scale 0.25, ratio 1) per patch
-                b, _, h, w = imgs.shape
-                crop = common.random_resized_boxes(n * b, h, w, (0.25, 0.25), (1.0, 1.0), gen, device)
-                x = common.resized_crops(imgs.to(device).repeat(n, 1, 1, 1), crop, args.out_size).div_(255)
-            else:
-                x, _ = common.sample_patches(imgs.to(device, non_blocking=True), n, args.patch_size, args.out_size, gen)
-            x = common.augment(x, aug, gen)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with common.autocast(args, device):
-                z = net(x)
-            Z = common.gather_views(z.float(), n).reshape(n, -1, z.shape[1])  # [n, B, d], global batch
-            loss, R, D = emp_loss(Z, args.eps2, args.inv_weight)
-            common.check_finite(loss, step + 1, args.out)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            log.step(epoch, step, {"loss": loss.detach(), "R": R.detach(), "D": D.detach()}, lr, n * B, args.log_every)
-            if step % args.save_every == 0:
-                common.save_run(args, step, epoch, model.backbone, model, optimizer, gen)
-            common.crash_for_test(step)
-            if step >= last:
-                break
-        common.save_run(args, step, step // spe, model.backbone, model, optimizer, gen)  # epoch end or stop
-        if args.eval_every and ((epoch + 1) % args.eval_every == 0 or step >= last):
-            if common.is_main():
-                model.eval()
-                acc = common.quick_knn(features, train, test, device)
-                log.write({"epoch": epoch + 1, "step": step, "knn_top1": acc, "elapsed_s": log.elapsed()})
-                print(f"epoch {epoch + 1} knn top-1 {acc:.2f}", flush=True)
-            if world > 1:
-                torch.distributed.barrier()
-        if step >= last:
-            break
-    log.finish(step)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    for imgs, _, _ in run.batches(views):
+        lr = common.cosine_lr(run.steps, run.horizon, args.lr)  # cosine to 0, no warm-up (Sec. 3)
+        common.set_lr(optimizer, lr)
+        if views is not None:  # --patch-sampler official: the workers sent view-major uint8 [n*b,3,out,out]
+            x = imgs.to(device, non_blocking=True).float().div_(255)
+        elif args.patch_sampler == "official":  # in memory: RandomResizedCrop(scale 0.25, ratio 1) per patch
+            b, _, h, w = imgs.shape
+            crop = common.random_resized_boxes(n * b, h, w, (0.25, 0.25), (1.0, 1.0), gen, device)
+            x = common.resized_crops(imgs.to(device).repeat(n, 1, 1, 1), crop, args.out_size).div_(255)
+        else:  # Sec. 2: n fixed-size patches of every image
+            x, _ = common.sample_patches(imgs.to(device, non_blocking=True), n, args.patch_size, args.out_size, gen)
+        x = common.augment(x, aug, gen)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with common.autocast(args, device):
+            z = net(x)
+        Z = common.gather_views(z.float(), n).reshape(n, -1, z.shape[1])  # [n, B, d], global batch
+        loss, R, D = emp_loss(Z, args.eps2, args.inv_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        run.step({"loss": loss.detach(), "R": R.detach(), "D": D.detach()}, lr)
 
 
 if __name__ == "__main__":

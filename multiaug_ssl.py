@@ -253,82 +253,45 @@ def main(argv=None):
             common.fail(f"--batch-size {args.batch_size} is larger than the {len(train)} images of --train-fraction")
     args.train_images = len(train)
     args.out_size = args.out_size or train.size
-    args.patch_size = None  # random resized crops, not fixed patches
     args.stem = common.default_stem(args.dataset, args.out_size)
     args.norm_mean, args.norm_std = (list(s) for s in common.data_stats(args.dataset))
-    args.proj, args.proj_bias = f"{args.pdim}-{args.pdim}", list(PROJ_BIAS)  # common.projector's (first, last)
     model = MultiViewNet(args.arch, args.stem, args.pdim).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)  # App. D
     gen = common.make_generator(args.seed, rank, device)
-    step = common.open_run(args, gen, model, optimizer)
-    net = common.wrap_ddp(model, device, not args.no_sync_bn)
-    if args.compile:
-        net = torch.compile(net)
+    M, B = args.views, args.batch_size
     # the authors' CIFAR / STL-10 views: crop + flip + jitter 0.4/0.4/0.4 (hue 0) p=0.8 + grayscale --p-gray
     aug = common.AugConfig(jitter=(0.4, 0.4, 0.4, 0.0), p_gray=args.p_gray, p_blur=0.0, p_solarize=0.0,
                            mean=args.norm_mean, std=args.norm_std)
+    views = {"scale": list(args.scale), "ratio": [3 / 4, 4 / 3], "aug": vars(aug)}  # eval_linear --mode views
+    probe = common.probe_info(args.arch, args.stem, args.out_size, args.norm_mean, args.norm_std,
+                              proj=f"{args.pdim}-{args.pdim}", proj_bias=PROJ_BIAS, views=views)
+    run = common.Run(args, model, optimizer, gen, train, probe, patches=M * B)
+    net = common.wrap_ddp(model, device, not args.no_sync_bn)
+    if args.compile:
+        net = torch.compile(net)
 
-    M, B = args.views, args.batch_size
-    spe = common.steps_per_epoch(len(train), B)
-    total = spe * args.epochs
-    last = min(total, args.max_steps or total)
-    log = common.Logger(args, total, step, last)
-    test = common.load_dataset(args.dataset, args.data_dir, "test", args.image_size, args.workers, seed=args.seed) \
-        if args.eval_every else None
-
-    def features(imgs):  # quick probe: backbone embedding of the whole image (eval_linear --mode central)
-        x = imgs.float().div(255)
-        if x.shape[-1] != args.out_size:
-            x = F.interpolate(x, size=(args.out_size, args.out_size), mode="bilinear", align_corners=False, antialias=True)
-        return model.backbone(common.normalize(x, args.norm_mean, args.norm_std)).float()
-
-    for epoch in range(step // spe, args.epochs):
-        model.train()
-        for imgs, _, _ in common.epoch_batches(train, B, epoch, args.seed, rank, world, step - epoch * spe, args.workers):
-            if step >= last:  # a resumed run that already reached --max-steps
-                break
-            lr = args.lr  # constant learning rate (App. D)
-            x, _ = common.sample_views(imgs.to(device, non_blocking=True), M, args.out_size, tuple(args.scale),
-                                       generator=gen)  # uint8 in, float in [0, 1] out
-            x = common.augment(x, aug, gen)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with common.autocast(args, device):
-                z = net(x)
-            Z = common.gather_views(z.float(), M).reshape(M, -1, z.shape[1])  # [M, B, D], global batch
-            if args.loss == "barlow":
-                loss, inv, red = barlow_loss(Z, args.lam)
-                terms = {"loss": loss.detach(), "inv": inv.detach(), "redundancy": red.detach()}
-            else:
-                loss, inv, var, cov = vicreg_loss(Z, args.sim_coeff, args.std_coeff, args.cov_coeff)
-                terms = {"loss": loss.detach(), "inv": inv.detach(), "var": var.detach(), "cov": cov.detach()}
-            common.check_finite(loss, step + 1, args.out)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            log.step(epoch, step, terms, lr, M * B, args.log_every)
-            if step % args.save_every == 0:
-                common.save_run(args, step, epoch, model.backbone, model, optimizer, gen)
-            common.crash_for_test(step)
-            if step >= last:
-                break
-        common.save_run(args, step, step // spe, model.backbone, model, optimizer, gen)  # epoch end or stop
-        if args.eval_every and ((epoch + 1) % args.eval_every == 0 or step >= last):
-            if common.is_main():
-                model.eval()
-                acc = common.quick_knn(features, train, test, device)
-                log.write({"epoch": epoch + 1, "step": step, "knn_top1": acc, "elapsed_s": log.elapsed()})
-                print(f"epoch {epoch + 1} knn top-1 {acc:.2f}", flush=True)
-            if world > 1:
-                torch.distributed.barrier()
-        if step >= last:
-            break
-    log.finish(step)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    for imgs, _, _ in run.batches():
+        lr = args.lr  # constant learning rate (App. D)
+        x, _ = common.sample_views(imgs.to(device, non_blocking=True), M, args.out_size, tuple(args.scale),
+                                   generator=gen)  # uint8 in, float in [0, 1] out
+        x = common.augment(x, aug, gen)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with common.autocast(args, device):
+            z = net(x)
+        Z = common.gather_views(z.float(), M).reshape(M, -1, z.shape[1])  # [M, B, D], global batch
+        if args.loss == "barlow":
+            loss, inv, red = barlow_loss(Z, args.lam)
+            terms = {"loss": loss.detach(), "inv": inv.detach(), "redundancy": red.detach()}
+        else:
+            loss, inv, var, cov = vicreg_loss(Z, args.sim_coeff, args.std_coeff, args.cov_coeff)
+            terms = {"loss": loss.detach(), "inv": inv.detach(), "var": var.detach(), "cov": cov.detach()}
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        run.step(terms, lr)
 
 
 if __name__ == "__main__":

@@ -270,7 +270,6 @@ def main(argv=None):
 
     train = common.load_train_set(args)
     args.out_size = args.out_size or train.size
-    args.patch_size = None  # random resized crops, not fixed-size patches
     args.stem = common.default_stem(args.dataset, args.out_size)
     args.norm_mean, args.norm_std = (list(v) for v in common.data_stats(args.dataset))
     model = NPIDNet(args.arch, args.stem, args.proj).to(device)
@@ -278,8 +277,10 @@ def main(argv=None):
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     gen = common.make_generator(args.seed, rank, device)
+    B, tau = args.batch_size, args.temperature
     state = {}  # the memory bank W; checkpointed, restored by --resume
-    step = common.open_run(args, gen, model, optimizer, state)
+    probe = common.probe_info(args.arch, args.stem, args.out_size, args.norm_mean, args.norm_std, proj=args.proj)
+    run = common.Run(args, model, optimizer, gen, train, probe, patches=B, state=state)
     if "bank" not in state:  # a fresh run: Feature Calibrate (Sec. 3.2), or NPID's random bank
         state["bank"] = random_bank(len(train), model.projector[-1].out_features, args.seed) if args.no_calibrate \
             else calibrate(model, train, args.out_size, args.norm_mean, args.norm_std, device, workers=args.workers,
@@ -288,69 +289,31 @@ def main(argv=None):
     net = common.wrap_ddp(model, device, not args.no_sync_bn)
     if args.compile:
         net = torch.compile(net)
-    # NPID's CIFAR augmentation by default (--jitter, --p-jitter, --p-gray, --flip): crop scale (0.2, 1),
-    # ColorJitter(0.4, 0.4, 0.4, 0.4) always applied, grayscale 0.2, no flip; no blur, no solarization
+    # NPID's CIFAR augmentation (--jitter, --p-jitter, --p-gray, --flip): crop scale (0.2, 1), no blur or solarization
     aug = common.AugConfig(flip=args.flip, jitter=tuple(args.jitter), p_jitter=args.p_jitter, p_gray=args.p_gray,
                            p_blur=0.0, p_solarize=0.0, mean=args.norm_mean, std=args.norm_std)
 
-    B, tau = args.batch_size, args.temperature
-    spe = common.steps_per_epoch(len(train), B)
-    total = spe * args.epochs
-    horizon = spe * (args.schedule_epochs or args.epochs)  # the schedule's length (--schedule-epochs)
-    last = min(total, args.max_steps or total)
-    log = common.Logger(args, total, step, last)
-    test = common.load_dataset(args.dataset, args.data_dir, "test", args.image_size, args.workers, seed=args.seed) \
-        if args.eval_every else None
-
-    def features(imgs):  # quick probe: backbone embedding of the whole image
-        return model.backbone(whole_view(imgs, args.out_size, args.norm_mean, args.norm_std))
-
-    for epoch in range(step // spe, args.epochs):
-        model.train()
-        for imgs, _, idx in common.epoch_batches(train, B, epoch, args.seed, rank, world, step - epoch * spe, args.workers):
-            if step >= last:  # a resumed run that already reached --max-steps
-                break
-            lr = common.cosine_lr(step, horizon, args.lr)  # cosine decay (Sec. 4.1)
-            common.set_lr(optimizer, lr)
-            x, _ = common.sample_views(imgs.to(device, non_blocking=True), 1, args.out_size, scale=(0.2, 1.0), generator=gen)
-            x = common.augment(x, aug, gen)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with common.autocast(args, device):
-                z = net(x)
-            z, idx = z.float(), idx.to(device)
-            # the loss of a row needs only its own z and the bank: each rank takes its rows, and DDP's
-            # gradient average gives the global-batch gradient
-            ce, kl, lse = instance_loss(z, bank, idx, tau, args.sqrtkl_part, args.bank_chunk)
-            loss = ce.mean() + args.lam * kl.mean()  # Eq. (13)
-            common.check_finite(loss, step + 1, args.out)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            # Grad Update, Eq. (5)-(6) (or NPID's Eq. 3), from the global batch, the same on every rank
-            global_batch_update(bank, z.detach(), idx, lse, tau, args.bank_momentum, not args.no_grad_update)
-            terms = common.all_gather_nograd(torch.stack([loss, ce.mean(), kl.mean()]).detach()[None]).mean(0)
-            step += 1
-            log.step(epoch, step, {"loss": terms[0], "ce": terms[1], "sqrtkl": terms[2]}, lr, B, args.log_every)
-            if step % args.save_every == 0:
-                common.save_run(args, step, epoch, model.backbone, model, optimizer, gen, state)
-            common.crash_for_test(step)
-            if step >= last:
-                break
-        common.save_run(args, step, step // spe, model.backbone, model, optimizer, gen, state)  # epoch end or stop
-        if args.eval_every and ((epoch + 1) % args.eval_every == 0 or step >= last):
-            if common.is_main():
-                model.eval()
-                acc = common.quick_knn(features, train, test, device)
-                log.write({"epoch": epoch + 1, "step": step, "knn_top1": acc, "elapsed_s": log.elapsed()})
-                print(f"epoch {epoch + 1} knn top-1 {acc:.2f}", flush=True)
-            if world > 1:
-                torch.distributed.barrier()
-        if step >= last:
-            break
-    log.finish(step)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    for imgs, _, idx in run.batches():
+        lr = common.cosine_lr(run.steps, run.horizon, args.lr)  # cosine decay (Sec. 4.1)
+        common.set_lr(optimizer, lr)
+        x, _ = common.sample_views(imgs.to(device, non_blocking=True), 1, args.out_size, scale=(0.2, 1.0), generator=gen)
+        x = common.augment(x, aug, gen)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with common.autocast(args, device):
+            z = net(x)
+        z, idx = z.float(), idx.to(device)
+        # the loss of a row needs only its own z and the bank: each rank takes its rows, and DDP's
+        # gradient average gives the global-batch gradient
+        ce, kl, lse = instance_loss(z, bank, idx, tau, args.sqrtkl_part, args.bank_chunk)
+        loss = ce.mean() + args.lam * kl.mean()  # Eq. (13)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        # Grad Update, Eq. (5)-(6) (or NPID's Eq. 3), from the global batch, the same on every rank
+        global_batch_update(bank, z.detach(), idx, lse, tau, args.bank_momentum, not args.no_grad_update)
+        terms = common.all_gather_nograd(torch.stack([loss, ce.mean(), kl.mean()]).detach()[None]).mean(0)
+        run.step({"loss": terms[0], "ce": terms[1], "sqrtkl": terms[2]}, lr)
 
 
 if __name__ == "__main__":

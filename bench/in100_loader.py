@@ -39,6 +39,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
+import emp_ssl  # noqa: E402
 
 # each script's in100 defaults (--dataset in100): global batch, views of 224 px per image, backbone
 RECIPES = {
@@ -106,7 +107,7 @@ def inprocess_rate(files):
     """images/s of one core decoding + resize 256 + centre crop 224, no DataLoader."""
     t0 = time.perf_counter()
     for f in files:
-        common._decode(f, 224)
+        common.decode_image(f, 224)
     return len(files) / (time.perf_counter() - t0)
 
 
@@ -114,12 +115,12 @@ def official_cost(files, n):
     """(seconds per full-size decode, seconds per RandomResizedCrop view) on one core."""
     t0 = time.perf_counter()
     for f in files:
-        common._decode(f, None)
+        common.decode_image(f, None)
     t_dec = (time.perf_counter() - t0) / len(files)
     g = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     for f in files:
-        common.rrc_file_views([f], g, n=n, out_size=224)
+        emp_ssl.rrc_file_views([f], g, n=n, out_size=224)
     t_all = (time.perf_counter() - t0) / len(files)
     return t_dec, max(t_all - t_dec, 0.0) / n
 

@@ -14,7 +14,7 @@ architecture and normalisation too (eval_linear.py --compare-random; cached per 
 
     EFFSSL_CIFAR10=cache/cifar10 python bench/learn_cpu.py [--methods emp_ssl,bag_ssl] [--seed 1]
 
-Rows go to results/learn_cpu.jsonl (with the curve: step, training wall and CPU minutes, both
+Rows go to results/cpu/learn_cpu.jsonl (with the curve: step, training wall and CPU minutes, both
 probes). "cpu_minutes" is the training processes' user+system CPU time (15 wall minutes on 2
 cores = 30 CPU minutes), which other load on the machine inflates less than wall time.
 --protocol 1 keeps the earlier recipes (32 px views, a 16 -> 32 px bag probe) for comparison.
@@ -97,7 +97,7 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="training seed (the probes' subsets stay fixed)")
     p.add_argument("--data-dir", default=os.environ.get("EFFSSL_CIFAR10", os.path.join(ROOT, "cache", "cifar10")))
     p.add_argument("--work", default=os.path.join(ROOT, "runs", "learn_cpu"))
-    p.add_argument("--out", default=os.path.join(ROOT, "results"), help="where learn_cpu.jsonl is appended")
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "cpu"), help="where learn_cpu.jsonl is appended")
     p.add_argument("--curve", type=int, default=None,
                    help="probe every K training steps (accuracy vs minutes; default: per method, see SEGMENT)")
     p.add_argument("--budget-min", type=float, default=15.0, help="training wall minutes per method")

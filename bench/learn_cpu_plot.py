@@ -1,7 +1,7 @@
 """The picture of bench/learn_cpu.py: k-NN accuracy against training CPU minutes for each method,
 with its random-init accuracy as a dashed line, one panel per probe (central 16 px, 8-patch bag).
 
-    python bench/learn_cpu_plot.py [--rows results/learn_cpu.jsonl] [--out results/learn_cpu.png]
+    python bench/learn_cpu_plot.py [--rows results/cpu/learn_cpu.jsonl] [--out results/cpu/learn_cpu.png]
 
 Needs matplotlib (pip install matplotlib). Takes, for each method and seed, the newest protocol-2 row
 trained with bench/learn_cpu.py's current recipe (its flags, a repeated flag's last value winning),
@@ -30,8 +30,8 @@ def effective(flags):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default=os.path.join(ROOT, "results", "learn_cpu.jsonl"))
-    p.add_argument("--out", default=os.path.join(ROOT, "results", "learn_cpu.png"))
+    p.add_argument("--rows", default=os.path.join(ROOT, "results", "cpu", "learn_cpu.jsonl"))
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "cpu", "learn_cpu.png"))
     args = p.parse_args()
     try:
         import matplotlib

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import common
+import emp_ssl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTRA = "n99999999"  # a class folder outside in100: build-in100 must leave it out
@@ -162,13 +163,13 @@ def test_corrupt_file_is_reported_once_and_replaced(in100, capsys):
     """In one process: one stderr line for three reads of the truncated JPEG, grey images back."""
     common._BAD_FILES.discard(in100["bad"])
     capsys.readouterr()
-    a = common._decode(in100["bad"], 224)
+    a = common.decode_image(in100["bad"], 224)
     b = common.load_files([in100["bad"], in100["bad"]], 224)
     err = capsys.readouterr().err.splitlines()
     assert a.shape == (3, 224, 224) and a.dtype == torch.uint8 and b.shape == (2, 3, 224, 224)
     assert (a == 128).all() and (b == 128).all()  # the grey stand-in
     assert len(err) == 1 and err[0].startswith("warning: cannot decode ") and in100["bad"] in err[0], err
-    full = common._decode(in100["bad"], None)  # --patch-sampler official decodes at full size
+    full = common.decode_image(in100["bad"], None)  # --patch-sampler official decodes at full size
     assert full.shape[0] == 3 and full.dtype == torch.uint8
 
 
@@ -240,9 +241,9 @@ def test_rrc_views_cut_a_quarter_of_the_full_image(in100):
     _, files, _ = common._scan_folder(os.path.join(in100["out"], "train"))
     g = torch.Generator().manual_seed(0)
     for f in files[:6]:
-        img = common._decode(f, None)
+        img = common.decode_image(f, None)
         h, w = img.shape[-2:]
-        views, boxes = common.rrc_views(img, 50, 32, (0.25, 0.25), (3 / 4, 4 / 3), g)
+        views, boxes = emp_ssl.rrc_views(img, 50, 32, (0.25, 0.25), (3 / 4, 4 / 3), g)
         assert views.shape == (50, 3, 32, 32) and views.dtype == torch.uint8
         top, left, bh, bw = boxes.T
         assert (top >= 0).all() and (left >= 0).all() and (top + bh <= h).all() and (left + bw <= w).all()
@@ -267,17 +268,17 @@ def test_rrc_file_views_are_view_major_and_seeded(tmp_path):
         files.append(str(tmp_path / f"{j}.png"))
         Image.new("RGB", (60 + 10 * j, 48), c).save(files[-1])
     n = 4
-    x = common.rrc_file_views(files, torch.Generator().manual_seed(1), n, 40)
+    x = emp_ssl.rrc_file_views(files, torch.Generator().manual_seed(1), n, 40)
     assert x.shape == (n * 3, 3, 40, 40) and x.dtype == torch.uint8
     for i in range(n):
         for j, c in enumerate(colours):
             assert x[i * 3 + j].float().mean((1, 2)).round().tolist() == [float(v) for v in c]
-    y = common.rrc_file_views(files, torch.Generator().manual_seed(1), n, 40)
+    y = emp_ssl.rrc_file_views(files, torch.Generator().manual_seed(1), n, 40)
     assert torch.equal(x, y)
     # in epoch_batches the workers draw crops from a generator seeded per (seed, epoch, step, rank)
     labels = torch.arange(3)
     ds = common.ImageSet(labels, 3, 40, files=files)
-    views = functools.partial(common.rrc_file_views, n=n, out_size=24)
+    views = functools.partial(emp_ssl.rrc_file_views, n=n, out_size=24)
     batches = [b[0] for b in common.epoch_batches(ds, 3, 0, 0, workers=0, views=views)]
     again = [b[0] for b in common.epoch_batches(ds, 3, 0, 0, workers=1, views=views)]
     assert len(batches) == 1 and batches[0].shape == (n * 3, 3, 24, 24)
@@ -299,7 +300,7 @@ def test_emp_ssl_official_sampler_feeds_the_step(side, tmp_path, monkeypatch):
             Image.fromarray(px).save(tmp_path / "data" / "train" / f"c{c}" / f"{i}.jpg")
     monkeypatch.setenv("EFFSSL_CACHE", str(tmp_path / "cache"))
     calls = {"files": [], "boxes": []}
-    real_files, real_boxes = common.rrc_file_views, common.random_resized_boxes
+    real_files, real_boxes = emp_ssl.rrc_file_views, common.random_resized_boxes
 
     def files_spy(files, generator, **kw):
         out = real_files(files, generator, **kw)
