@@ -83,39 +83,62 @@ def parse_args(argv=None):
 
 
 def load_backbone(args):
-    """(backbone, projector or None, training args) from a checkpoint or a random init."""
+    """(backbone, projector head or None, what the probe knows of the run: its probe_info, saved in
+    the checkpoint, with the run's method, dataset and data_dir) from a checkpoint or a random init."""
     if args.ckpt == "random":
         ds = args.dataset or "cifar10"
         size = args.image_size or common.IMAGE_SIZE.get(ds, 224)
-        targs = {"dataset": ds, "arch": args.arch or "resnet18", "stem": common.default_stem(ds, size),
-                 "patch_size": size // 2, "out_size": size, "norm_mean": list(common.data_stats(ds)[0]),
-                 "norm_std": list(common.data_stats(ds)[1]), "proj": None, "method": "random", "data_dir": None}
-        return random_backbone(targs, args.seed), None, targs
+        mean, std = common.data_stats(ds)
+        info = {**common.probe_info(args.arch or "resnet18", common.default_stem(ds, size), size, mean, std,
+                                    patch_size=size // 2), "dataset": ds, "method": "random", "data_dir": None}
+        return random_backbone(info, args.seed), None, info
     ckpt = common.load_checkpoint(args.ckpt)
     targs = ckpt["args"]
-    if args.arch and args.arch != targs["arch"]:
-        common.fail(f"--arch {args.arch}: the checkpoint '{args.ckpt}' holds a {targs['arch']}")
-    backbone = common.resnet(targs["arch"], targs["stem"])
+    info = {**(ckpt.get("probe") or legacy_probe(targs)), "dataset": targs["dataset"], "method": ckpt["method"],
+            "data_dir": targs.get("data_dir")}
+    if args.arch and args.arch != info["arch"]:
+        common.fail(f"--arch {args.arch}: the checkpoint '{args.ckpt}' holds a {info['arch']}")
+    backbone = common.resnet(info["arch"], info["stem"])
     backbone.load_state_dict(ckpt["backbone"])
     proj = None
     if args.feature == "head1":
-        if not targs.get("proj"):
+        if not info.get("proj"):
             common.fail(f"checkpoint '{args.ckpt}' has no projector for --feature head1")
-        proj = common.projector(backbone.dim, targs["proj"], bias=targs.get("proj_bias", True))
+        proj = common.projector(backbone.dim, info["proj"], bias=info["proj_bias"])
         state = {k[len("projector."):]: v for k, v in ckpt["model"].items() if k.startswith("projector.")}
         try:  # strict: a projector saved under other names must not leave head1 at its random init
             proj.load_state_dict(state)
         except RuntimeError as e:
-            common.fail(f"checkpoint '{args.ckpt}': its projector does not match {targs['proj']}: "
+            common.fail(f"checkpoint '{args.ckpt}': its projector does not match {info['proj']}: "
                         f"{str(e).splitlines()[0]}")
         proj = proj[:3]  # Linear-BN-ReLU: the 4096-d feature of the official EMP-SSL evaluation
-    return backbone, proj, targs
+    return backbone, proj, info
 
 
-def random_backbone(targs, seed):
+def legacy_probe(targs):
+    """probe_info of a checkpoint written before the probe was saved in it: from the run's args
+    (a multi-view run's own crop scale and grayscale; the projector biases it recorded)."""
+    views = None
+    if targs.get("method") == "multiaug_ssl":
+        aug = common.AugConfig(jitter=(0.4, 0.4, 0.4, 0.0), p_gray=targs.get("p_gray", 0.2), p_blur=0.0,
+                               p_solarize=0.0, mean=targs["norm_mean"], std=targs["norm_std"])
+        views = {"scale": list(targs.get("scale") or (0.08, 1.0)), "ratio": [3 / 4, 4 / 3], "aug": vars(aug)}
+    return common.probe_info(targs["arch"], targs["stem"], targs["out_size"], targs["norm_mean"], targs["norm_std"],
+                             patch_size=targs.get("patch_size"), proj=targs.get("proj"),
+                             proj_bias=targs.get("proj_bias", True), views=views)
+
+
+def multiview_views(mean, std):
+    """--mode views of a run whose method has no views of its own: the multi-view paper's CIFAR views
+    (Ghosh et al. 2024, App. D: random resized crop, flip, jitter 0.4/0.4/0.4, grayscale 0.2)."""
+    aug = common.AugConfig(jitter=(0.4, 0.4, 0.4, 0.0), p_blur=0.0, p_solarize=0.0, mean=mean, std=std)
+    return {"scale": [0.08, 1.0], "ratio": [3 / 4, 4 / 3], "aug": vars(aug)}
+
+
+def random_backbone(info, seed):
     """A randomly initialised backbone of the training run's architecture, from a fixed seed."""
     torch.manual_seed(seed)
-    return common.resnet(targs["arch"], targs["stem"])
+    return common.resnet(info["arch"], info["stem"])
 
 
 def setting_name(args):
@@ -174,10 +197,10 @@ class Progress:
 
 
 @torch.no_grad()
-def extract(args, embed, ds, device, targs, name="", seed_offset=0):
+def extract(args, embed, ds, device, info, name="", seed_offset=0):
     """Features [N, D] of every image of ds under --mode."""
-    mean, std = targs["norm_mean"], targs["norm_std"]
-    out_size = args.out_size or targs["out_size"]
+    mean, std = info["mean"], info["std"]
+    out_size = args.out_size or info["out_size"]
     gen = torch.Generator(device=device).manual_seed(args.seed)
     aug = common.AugConfig(mean=mean, std=std)
     if args.mode == "bag":
@@ -186,8 +209,9 @@ def extract(args, embed, ds, device, targs, name="", seed_offset=0):
                                                            args.seed + seed_offset)
     elif args.mode == "local":
         boxes, grid = sliding_boxes(ds.size, args.patch_size, args.stride)
-    elif args.mode == "views":  # the multi-view paper's CIFAR augmentation
-        vaug = common.AugConfig(jitter=(0.4, 0.4, 0.4, 0.0), p_blur=0.0, p_solarize=0.0, mean=mean, std=std)
+    elif args.mode == "views":  # the views the run trained on (multiaug_ssl), else the multi-view paper's CIFAR views
+        views = info.get("views") or multiview_views(mean, std)
+        vaug = common.AugConfig(**views["aug"])
     feats = []
     progress = Progress(f"features {name}", len(ds))
     for s in range(0, len(ds), args.batch_size):
@@ -198,7 +222,7 @@ def extract(args, embed, ds, device, targs, name="", seed_offset=0):
             f = common.bag_of_features(embed, imgs, bx, out_size, mean, std,
                                        aug=aug if args.bag_augment else None, generator=gen)
         elif args.mode == "central":
-            f = embed(central_view(imgs, out_size, mean, std, args.out_size is not None or not targs.get("patch_size")))
+            f = embed(common.central_view(imgs, out_size, mean, std, args.out_size is not None or not info["patch_size"]))
         elif args.mode == "local":
             x = common.resized_crops(imgs.float().div(255).repeat(len(boxes), 1, 1, 1),
                                      boxes.to(device).repeat_interleave(b, 0), out_size)
@@ -211,20 +235,13 @@ def extract(args, embed, ds, device, targs, name="", seed_offset=0):
                                      if x.shape[-1] != out_size else x, mean, std)
             f = embed(clean).float()
             if args.views > 1:
-                v, _ = common.sample_views(imgs, args.views - 1, out_size, generator=gen)
+                v, _ = common.sample_views(imgs, args.views - 1, out_size, tuple(views["scale"]),
+                                            tuple(views["ratio"]), generator=gen)
                 h = embed(common.augment(v, vaug, gen)).float().reshape(args.views - 1, b, -1)
                 f = (f + h.sum(0)) / args.views
         feats.append(f.float().cpu())
         progress.update(s + b)
     return torch.cat(feats)
-
-
-def central_view(imgs, out_size, mean, std, resize=True):
-    """The whole uint8 image, resized to the network input when asked (antialiased), normalised."""
-    x = imgs.float().div(255)
-    if resize and x.shape[-1] != out_size:
-        x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", align_corners=False, antialias=True)
-    return common.normalize(x, mean, std)
 
 
 def linear_probe(args, tr_f, tr_y, te_f, te_y, num_classes, device):
@@ -261,7 +278,7 @@ def linear_probe(args, tr_f, tr_y, te_f, te_y, num_classes, device):
     return accs
 
 
-def linear_aug_probe(args, embed, train, te_f, te_y, targs, device):
+def linear_aug_probe(args, embed, train, te_f, te_y, info, device):
     """NPID + SqrtKL's probe (Cao & Wu 2024, Sec. 4.1, after SSQL): each epoch, every train image
     gets a fresh RandomResizedCrop(0.08, 1) + flip through the frozen backbone; SGD momentum 0.9,
     lr 30, no weight decay, lr x0.1 at 60 % and 80 % of the epochs (60, 80 of 100), batch 128.
@@ -270,7 +287,7 @@ def linear_aug_probe(args, embed, train, te_f, te_y, targs, device):
     lr = args.linear_lr or 30.0
     wd = args.linear_wd if args.linear_wd is not None else 0.0
     bs = args.linear_batch or 128
-    mean, std, out_size = targs["norm_mean"], targs["norm_std"], args.out_size or targs["out_size"]
+    mean, std, out_size = info["mean"], info["std"], args.out_size or info["out_size"]
     flip = common.AugConfig(flip=0.5, p_jitter=0.0, p_gray=0.0, p_blur=0.0, p_solarize=0.0, mean=mean, std=std)
     torch.manual_seed(args.seed)
     clf = nn.Linear(te_f.shape[1], train.num_classes).to(device)
@@ -299,13 +316,13 @@ def linear_aug_probe(args, embed, train, te_f, te_y, targs, device):
     return accs
 
 
-def probe_all(args, embed, train, test, device, targs, ks, probes, name):
+def probe_all(args, embed, train, test, device, info, ks, probes, name):
     """Features of both splits, then every asked probe: the result dict of one backbone."""
     t0 = time.time()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        tr_f = extract(args, embed, train, device, targs, f"{name} train") if not args.linear_aug or "knn" in probes \
+        tr_f = extract(args, embed, train, device, info, f"{name} train") if not args.linear_aug or "knn" in probes \
             else None
-        te_f = extract(args, embed, test, device, targs, f"{name} test", seed_offset=1)
+        te_f = extract(args, embed, test, device, info, f"{name} test", seed_offset=1)
     result = {"dim": te_f.shape[1], "feature_seconds": round(time.time() - t0, 1)}
     if "knn" in probes:
         result["knn"] = {}
@@ -317,7 +334,7 @@ def probe_all(args, embed, train, test, device, targs, ks, probes, name):
             print(f"  k-NN k={k} ({name}): {result['knn'][f'k{k}']:.2f}", flush=True)
     if "linear" in probes:
         if args.linear_aug:
-            accs = linear_aug_probe(args, embed, train, te_f, test.labels, targs, device)
+            accs = linear_aug_probe(args, embed, train, te_f, test.labels, info, device)
         else:
             accs = linear_probe(args, tr_f, train.labels, te_f, test.labels, train.num_classes, device)
         result["linear"] = {"last": accs[-1], "best": max(accs), "epochs": len(accs),
@@ -338,25 +355,25 @@ def main(argv=None):
         common.fail(f"--knn-k takes a comma list of integers, not '{args.knn_k}'")
     if args.ckpt != "random" and os.path.isdir(args.ckpt):  # a run folder
         args.ckpt = os.path.join(args.ckpt, "checkpoint.pt")
-    backbone, proj, targs = load_backbone(args)
-    if args.train_dataset and args.train_dataset != targs["dataset"]:
-        common.fail(f"--train-dataset {args.train_dataset}: the checkpoint was trained on {targs['dataset']}")
-    args.trained_on = targs["dataset"]
-    args.dataset = args.dataset or targs["dataset"]
+    backbone, proj, info = load_backbone(args)
+    if args.train_dataset and args.train_dataset != info["dataset"]:
+        common.fail(f"--train-dataset {args.train_dataset}: the checkpoint was trained on {info['dataset']}")
+    args.trained_on = info["dataset"]
+    args.dataset = args.dataset or info["dataset"]
     if args.data_dir is None:
-        args.data_dir = targs.get("data_dir") if args.dataset == targs["dataset"] and targs.get("data_dir") \
+        args.data_dir = info.get("data_dir") if args.dataset == info["dataset"] and info.get("data_dir") \
             else os.path.join("data", args.dataset)
-    args.mode = args.mode or ("bag" if targs.get("patch_size") else "central")
+    args.mode = args.mode or info["mode"]
     if args.compare_random and args.feature != "backbone":
         common.fail("--compare-random compares backbone features: drop --feature head1")
     if args.linear_aug and args.mode != "central":
         common.fail("--linear-aug probes the whole image: use it with --mode central")
-    args.patch_size = args.patch_size or targs.get("patch_size") or 16
+    args.patch_size = args.patch_size or info["patch_size"] or 16
     size = args.image_size or common.IMAGE_SIZE.get(args.dataset)
     if size and args.mode in ("bag", "local") and args.patch_size > size:
         common.fail(f"--patch-size {args.patch_size} is larger than the {size}px images")
     out_dir = args.out or (os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt != "random"
-                           else os.path.join("runs", f"random-{targs['arch']}-{args.dataset}"))
+                           else os.path.join("runs", f"random-{info['arch']}-{args.dataset}"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     train = common.load_dataset(args.dataset, args.data_dir, "train", args.image_size, args.workers,
@@ -371,20 +388,20 @@ def main(argv=None):
     print(f"probe {args.ckpt} on {args.dataset} ({len(train)} train / {len(test)} test), {what}, "
           f"feature {args.feature}", flush=True)
     embed = (nn.Sequential(backbone, proj) if proj is not None else backbone).to(device).eval()
-    result = {"ckpt": args.ckpt, "method": targs.get("method"), "trained_on": targs["dataset"],
+    result = {"ckpt": args.ckpt, "method": info.get("method"), "trained_on": info["dataset"],
               "dataset": args.dataset, "mode": args.mode, "feature": args.feature,
               "n_train": len(train), "n_test": len(test), "seed": args.seed}
     if args.mode in ("bag", "local"):
         result.update(patches=args.patches if args.mode == "bag" else None, patch_size=args.patch_size,
                       positions=args.positions if args.mode == "bag" else "grid",
-                      out_size=args.out_size or targs["out_size"], bag_augment=args.bag_augment)
+                      out_size=args.out_size or info["out_size"], bag_augment=args.bag_augment)
     if args.mode == "views":
         result["views"] = args.views
-    result.update(probe_all(args, embed, train, test, device, targs, ks, probes, "trained"))
+    result.update(probe_all(args, embed, train, test, device, info, ks, probes, "trained"))
     if args.compare_random and args.ckpt != "random":
-        rnd = random_backbone(targs, args.seed)
+        rnd = random_backbone(info, args.seed)
         rnd_embed = (nn.Sequential(rnd, proj) if proj is not None else rnd).to(device).eval()
-        result["random"] = probe_all(args, rnd_embed, train, test, device, targs, ks, probes, "random init")
+        result["random"] = probe_all(args, rnd_embed, train, test, device, info, ks, probes, "random init")
 
     rows = [(f"k-NN k={k[1:]}", v, result.get("random", {}).get("knn", {}).get(k)) for k, v in result.get("knn", {}).items()]
     if "linear" in result:
