@@ -16,19 +16,17 @@ Table 6 rows: --no-calibrate, --no-grad-update, --lam 0. Multi-GPU (batch is glo
     torchrun --nproc_per_node=4 npid_sqrtkl.py --dataset in100
 
 Short runs: lambda = 20 weighs SqrtKL heavily (the paper's worked example, Sec. 3.3.1: on a
-non-target logit 20 x -0.0205 = -0.41 against CE's +0.01), and in runs of a few hundred steps it
-keeps the softmax nearly flat: CE near log N (synthetic, 256 steps of 32, train-mode calibration and
-NPID's jitter: 27.2 central k-NN against 52.8 random init; with --lam 0, 93.2). See
-results/learn_cpu.md and results/npid_grid.md for CIFAR-10.
+non-target logit 20 x -0.0205 = -0.41 against CE's +0.01); in runs of a few hundred steps its
+entropy part holds the bank softmax near uniform (docs/results.md#npid-short-runs).
 
 Memory of the softmax over the bank (float32, per process; b = this process's rows, B / world,
 since each rank takes the loss of its own rows only). The bank is N x 128 x 4 bytes (CIFAR 26 MB,
 in100 65 MB, ImageNet 656 MB), the same on every rank. The plain loss (--bank-chunk 0) peaks at
 about 20 b N bytes in forward + backward (five float32 b x N tensors: logits, log p, p, log u and
-a product of Eq. 12; measured on the CPU: 18-20 b N): CIFAR-10 (b = 512, N = 50,000) 0.5 GB,
+a product of Eq. 12): CIFAR-10 (b = 512, N = 50,000) 0.5 GB,
 in100 (b = 512, N = 126,689) 1.3 GB, ImageNet (N = 1,281,167) 13 GB at b = 512, 1.6 GB at b = 64
 (512 over 8 GPUs). --bank-chunk C never holds more than a few b x C tensors: about 20 b C bytes
-(0.7 GB at b = 512, C = 65,536; measured 18 b C), whatever N, for one extra b x N x 128 matmul.
+(0.7 GB at b = 512, C = 65,536), whatever N, for one extra b x N x 128 matmul.
 """
 import math
 
@@ -50,23 +48,13 @@ def parse_args(argv=None):
     a("--proj", default="128", help="head after the backbone: one linear layer to 128-d, as NPID (Sec. 3.1)")
     a("--temperature", type=float, default=0.1,
       help="tau in s = W z / tau (NPID's CIFAR value 0.1; the paper's Eq. 1 omits it)")
-    # lambda 20 is the paper's, for 400 epochs. In short runs the entropy part of Eq. (12) (L1, minimal at
-    # p = 1/N) holds the bank softmax near uniform: on CIFAR-10, 10,000 images, 468 steps of 128
-    # (bench/learn_cpu.py, results/learn_cpu.md), lambda 20 left the CE near log N and gained +4.5 / +3.3 / -0.9
-    # over random init (seeds 0-2), --lam 0 +5.5 / +6.6 / +5.1
+    # lambda 20 is the paper's, for 400 epochs; in short runs see docs/results.md#npid-short-runs
     a("--lam", type=float, default=20.0, help="lambda, weight of L_SqrtKL (Eq. 13, Sec. 4.1: 20; Fig. 5; 0 = Table 6 without SqrtKL)")
     a("--sqrtkl-part", default="full", choices=["full", "l1", "l2"],
       help="which part of L_SqrtKL = L1 + L2 to use (Eq. 12; Table 8 ablation)")
     a("--bank-momentum", type=float, default=0.5, help="m of the bank update, Eq. (3)/(6) (Sec. 4.1: 0.5; Fig. 4)")
     a("--no-calibrate", action="store_true", help="random bank as NPID instead of Feature Calibrate (Table 6)")
-    # Feature Calibrate's BatchNorm mode and the colour jitter were chosen on real CIFAR-10 (bench/npid_grid.py,
-    # results/npid_grid.md): 10,000 images at 16 px, ResNet-18, batch 128, 156 steps, central k-NN k = 20
-    # against a random init at 27.2: eval-mode calibration beat train mode in all four jitter x lambda
-    # cells (by 2.2 to 5.0 points; train mode ended 1.7 to 4.3 points BELOW random init, and at lambda 0
-    # its CE stayed at log N = 9.21 (9.17-9.19) where eval mode's fell to 8.87-8.94), and at lambda 20
-    # the brightness/contrast jitter at p 0.8 gave 29.1 against 27.7 for NPID's ColorJitter(0.4, 0.4,
-    # 0.4, 0.4) always (one seed: within the probe's +-1.4 points; at lambda 0 the order was reversed,
-    # 26.7 against 27.9). Measured again at the full CPU budget: results/learn_cpu.md
+    # Feature Calibrate's BatchNorm mode and the colour jitter: chosen on CIFAR-10, docs/results.md#npid-calibration-grid
     a("--calibrate-bn", default="eval", choices=["train", "eval"],
       help="BatchNorm during Feature Calibrate (Cao & Wu 2024, arXiv:2404.19289, Sec. 3.2, which does not say): "
            "eval = the untrained network's running statistics (mean 0, variance 1; default, chosen on CIFAR-10); "

@@ -20,6 +20,7 @@ import torch
 import common
 import emp_ssl
 import eval_linear
+from tools import plot as plot_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset", "synthetic", "--subset", "64", "--batch-size", "16", "--patches", "2",
@@ -220,8 +221,7 @@ def test_ctrl_c_says_where_the_run_stopped_and_exits_130(tmp_path):
 def test_ctrl_c_line_of_a_probe_names_no_step(capsys, monkeypatch):
     """A training script's Ctrl-C line names its step; a probe's or a benchmark's, which have none,
     says only that it was interrupted."""
-    monkeypatch.setitem(common.PROGRESS, "step", None)  # as in a fresh process
-    monkeypatch.setitem(common.PROGRESS, "saved", None)
+    monkeypatch.setattr(common.Run, "active", None)  # as in a fresh process
 
     def stop():
         raise KeyboardInterrupt
@@ -390,20 +390,20 @@ def test_plot_without_matplotlib_is_one_line_saying_how_to_install(finished_run,
     out, _ = finished_run
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     with pytest.raises(common.UserError, match="pip install matplotlib"):
-        common.plot_runs([str(out)], str(out / "p.png"))
+        plot_tool.plot_runs([str(out)], str(out / "p.png"))
 
 
 def test_plot_writes_one_png_of_the_runs(finished_run, tmp_path):
     pytest.importorskip("matplotlib")
     out, _ = finished_run
-    common.plot_runs([str(out), str(out / "metrics.jsonl")], str(tmp_path / "p.png"))
+    plot_tool.plot_runs([str(out), str(out / "metrics.jsonl")], str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_read_metrics_separates_steps_and_knn_records(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(
         '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n{"epoch": 1, "step": 2, "knn_top1": 40.0}\n{"st')
-    steps, evals = common.read_metrics(str(tmp_path))
+    steps, evals = plot_tool.read_metrics(str(tmp_path))
     assert [r["loss"] for r in steps] == [2.0, 1.0] and [r["knn_top1"] for r in evals] == [40.0]
 
 
@@ -439,3 +439,103 @@ def test_learn_cpu_plot_matches_rows_to_the_recipe_by_their_effective_flags():
     with_extra = "--batch-size 100 --patches 8 --patch-size 16 --out-size 16 --epochs 1 --patches 6 --seed 0".split()
     recipe = effective(RECIPES["emp_ssl"] + ["--seed", "0"])
     assert effective(with_extra) == recipe != effective(old_8)
+
+
+# --- what a checkpoint holds: older checkpoints, the probe's information, a fork of two files -------
+
+METHODS = ("emp_ssl", "bag_ssl", "multiaug_ssl", "npid_sqrtkl")
+# each method's checkpoint as written on main at 15ff342, before `probe` was saved in it: its top-level
+# keys, its args (with the fields methods set only for eval_linear) and the command line that wrote it
+OLD = json.load(open(os.path.join(ROOT, "tests", "fixtures", "old_checkpoints.json")))
+
+
+def _plain(x):
+    return json.loads(json.dumps(x))  # tuples as lists, as args.json and the fixture hold them
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_checkpoint_of_the_old_format_resumes_and_probes_as_the_new_one(method, tmp_path, capsys):
+    """The same flags give the same recipe flags as before; the run saved in the old format (no `probe`,
+    the old args) is probed exactly as the new checkpoint (eval_linear.legacy_probe), and --resume continues it."""
+    import importlib
+    mod, old = importlib.import_module(method), OLD[method]
+    new_out, old_out = tmp_path / "new", tmp_path / "old"
+    mod.main(old["argv"] + ["--out", str(new_out), "--workers", "0"])
+    ck = torch.load(new_out / "checkpoint.pt", weights_only=True)
+    assert set(ck) == set(old["keys"]) | {"probe"}
+    new_args = _plain(ck["args"])
+    assert set(new_args) <= set(old["args"]) | {"out", "data_dir"}
+    assert set(old["args"]) - set(new_args) <= {"patch_size", "proj_bias", "proj"}  # set only for eval_linear
+    assert {k: v for k, v in new_args.items() if k in old["args"]} == {k: old["args"][k] for k in new_args
+                                                                       if k in old["args"]}
+    old_out.mkdir()
+    torch.save({**{k: ck[k] for k in old["keys"]}, "args": {**old["args"], "out": str(old_out),
+                                                           "data_dir": ck["args"]["data_dir"]}},
+               old_out / "checkpoint.pt")
+    probe = ["--probe", "knn", "--knn-k", "5", "--subset", "200", "--test-subset", "100", "--patches", "2",
+             "--workers", "0"]
+    for extra in ([], ["--feature", "head1"]) + ((["--mode", "views", "--views", "3"],) if method == "multiaug_ssl" else ()):
+        a, b = (eval_linear.main(["--ckpt", str(d), *probe, *extra]) for d in (new_out, old_out))
+        assert a["knn"] == b["knn"] and a["mode"] == b["mode"] and a.get("patch_size") == b.get("patch_size"), extra
+    mod.main(old["argv"] + ["--out", str(old_out), "--workers", "0", "--resume", "--max-steps", "2"])
+    ck = torch.load(old_out / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 2 and ck["probe"] == torch.load(new_out / "checkpoint.pt", weights_only=True)["probe"]
+    assert steps_logged(old_out) == [2]  # the old folder held no metrics: the resumed run logs its own step
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_method_file_and_common_py_alone_train_a_run(method, tmp_path):
+    """Forking a method is two files: copied alone into an empty folder, they train and checkpoint."""
+    import shutil
+    for f in (f"{method}.py", "common.py"):
+        shutil.copy(os.path.join(ROOT, f), tmp_path / f)
+    r = subprocess.run([sys.executable, f"{method}.py", *OLD[method]["argv"], "--max-steps", "2", "--out", "run",
+                        "--workers", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert set(os.listdir(tmp_path)) - {"__pycache__"} == {"common.py", f"{method}.py", "run"}
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def _image_folder(root, size, per_class):
+    from torchvision.io import write_png
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", per_class), ("test", per_class // 2)):
+        for c in range(2):
+            os.makedirs(root / split / f"c{c}")
+            for i in range(n):
+                write_png(torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8),
+                          str(root / split / f"c{c}" / f"{i}.png"))
+
+
+def test_views_probe_takes_the_views_of_the_run_stl10_and_cifar(tmp_path, monkeypatch, capsys):
+    """eval_linear --mode views draws the views the run trained on, saved in its checkpoint: an
+    STL-10-shaped multiaug run (96 px) its 64 px crops of scale (0.2, 1) and grayscale 0.1 (the
+    authors' STL-10 pipeline), a CIFAR-shaped one crops of scale (0.08, 1) at 32 px and grayscale 0.2."""
+    import multiaug_ssl
+    monkeypatch.setenv("EFFSSL_CACHE", str(tmp_path / "cache"))
+    _image_folder(tmp_path / "stl", 96, 8)
+    seen = []
+    real_views, real_augment = common.sample_views, common.augment
+
+    def views(images, m, out_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
+        seen.append(("views", out_size, tuple(scale), tuple(ratio)))
+        return real_views(images, m, out_size, scale, ratio, generator)
+
+    def augment(x, cfg, generator=None):
+        seen.append(("augment", cfg.p_gray, tuple(cfg.jitter), cfg.p_blur, cfg.p_solarize))
+        return real_augment(x, cfg, generator)
+    expected = {"stl10": [("views", 64, (0.2, 1.0), (3 / 4, 4 / 3)), ("augment", 0.1, (0.4, 0.4, 0.4, 0.0), 0.0, 0.0)],
+                "synthetic": [("views", 32, (0.08, 1.0), (3 / 4, 4 / 3)), ("augment", 0.2, (0.4, 0.4, 0.4, 0.0), 0.0, 0.0)]}
+    for ds, data in (("stl10", ["--data-dir", str(tmp_path / "stl")]), ("synthetic", ["--subset", "64"])):
+        out = tmp_path / ds
+        multiaug_ssl.main(["--dataset", ds, *data, "--arch", "resnet18", "--pdim", "16", "--batch-size", "8",
+                           "--epochs", "1", "--max-steps", "1", "--workers", "0", "--out", str(out)])
+        monkeypatch.setattr(common, "sample_views", views)
+        monkeypatch.setattr(common, "augment", augment)
+        seen.clear()
+        eval_linear.main(["--ckpt", str(out), "--mode", "views", "--views", "3", "--probe", "knn", "--knn-k", "3",
+                          "--subset", "16", "--test-subset", "8", "--workers", "0"])
+        monkeypatch.undo()
+        monkeypatch.setenv("EFFSSL_CACHE", str(tmp_path / "cache"))
+        assert seen and set(seen) == set(expected[ds]), (ds, set(seen))

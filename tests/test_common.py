@@ -16,6 +16,7 @@ from torchvision.io import write_png
 
 import common
 from dist_util import run_world
+from tools import build_in100 as in100_tool
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -384,7 +385,7 @@ def _dist_worker(rank, world, za, zb, zv, n, x, state):
     out = {}
     # gather: each rank holds its rows of the global batch
     la, lb = za[sl].clone().requires_grad_(), zb[sl].clone().requires_grad_()
-    loss = pair_loss(common.gather(la), common.gather(lb))
+    loss = pair_loss(common.gather_views(la, 1), common.gather_views(lb, 1))
     loss.backward()
     out["pair"] = (loss.detach(), la.grad, lb.grad)
     # gather_views: local view-major rows [n*b, d] -> global view-major [n*B, d]
@@ -446,7 +447,7 @@ def test_gather_gather_views_and_ddp_two_processes_equal_one_process():
 
 def test_gather_is_identity_in_one_process():
     z = torch.randn(6, 3)
-    assert common.gather(z) is z and common.gather_views(z, 2) is z and common.all_gather_nograd(z) is z
+    assert common.gather_views(z, 1) is z and common.gather_views(z, 2) is z and common.all_gather_nograd(z) is z
     m = nn.Linear(2, 2)
     assert common.wrap_ddp(m, torch.device("cpu")) is m
 
@@ -613,30 +614,30 @@ def test_subset_indices_fixed_and_nested():
 
 
 def run_common(*args):
-    return subprocess.run([sys.executable, "common.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "tools/build_in100.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
 def test_build_in100_links_the_cmc_classes(tmp_path, monkeypatch, capsys):
-    assert len(set(common.IN100_CLASSES)) == 100
+    assert len(set(in100_tool.IN100_CLASSES)) == 100
     fake = tmp_path / "imagenet"
     for split in ("train", "val"):
-        for c in common.IN100_CLASSES + ["n99999999"]:  # plus a class outside in100
+        for c in in100_tool.IN100_CLASSES + ["n99999999"]:  # plus a class outside in100
             (fake / split / c).mkdir(parents=True)
-    r = run_common("build-in100", "--imagenet", str(fake), "--out", str(tmp_path / "in100"))
+    r = run_common("--imagenet", str(fake), "--out", str(tmp_path / "in100"))
     assert r.returncode == 0, r.stderr
     for split in ("train", "val"):
         names = sorted(os.listdir(tmp_path / "in100" / split))
-        assert names == sorted(common.IN100_CLASSES)
+        assert names == sorted(in100_tool.IN100_CLASSES)
         assert all(os.path.islink(tmp_path / "in100" / split / c) for c in names)
         assert os.path.realpath(tmp_path / "in100" / split / names[0]) == os.path.realpath(fake / split / names[0])
     # a missing class: exit 2 with one line (run in-process through the same run_cli entry)
-    os.rmdir(fake / "val" / common.IN100_CLASSES[5])
-    monkeypatch.setattr(sys, "argv", ["common.py", "build-in100", "--imagenet", str(fake), "--out", str(tmp_path / "b")])
+    os.rmdir(fake / "val" / in100_tool.IN100_CLASSES[5])
+    monkeypatch.setattr(sys, "argv", ["build_in100.py", "--imagenet", str(fake), "--out", str(tmp_path / "b")])
     with pytest.raises(SystemExit) as e:
-        common.run_cli(common.main)
+        common.run_cli(in100_tool.main, training=False)
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error:")
-    assert common.IN100_CLASSES[5] in err
+    assert in100_tool.IN100_CLASSES[5] in err
     assert not (tmp_path / "b").exists()  # nothing written on bad input
 
 
@@ -644,7 +645,7 @@ def test_build_in100_links_the_cmc_classes(tmp_path, monkeypatch, capsys):
                     reason="shared data folder missing")
 def test_in100_class_list_matches_shared_file():
     with open(os.path.join(os.path.dirname(ROOT), "shared", "data", "imagenet100_classes.txt")) as f:
-        assert f.read().split() == common.IN100_CLASSES
+        assert f.read().split() == in100_tool.IN100_CLASSES
 
 
 # ---------------------------------------------------------------------------------------------

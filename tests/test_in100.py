@@ -1,4 +1,4 @@
-"""ImageNet-100 end to end on a tiny fake ImageNet: `common.py build-in100`, then each method's
+"""ImageNet-100 end to end on a tiny fake ImageNet: `tools/build_in100.py`, then each method's
 in100 recipe under 2-process torchrun (gloo, CPU) for 2 steps, a resume to step 3, and a k-NN
 probe of the checkpoint; a corrupt JPEG in the tree is reported once and replaced, not fatal.
 
@@ -22,6 +22,7 @@ import torch
 
 import common
 import emp_ssl
+from tools import build_in100 as in100_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTRA = "n99999999"  # a class folder outside in100: build-in100 must leave it out
@@ -71,7 +72,7 @@ def make_fake_imagenet(root):
     kinds = ["rgb", "grey", "cmyk", "png_alpha"]
     k, made = 0, {}
     for split, per in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
-        for c in sorted(common.IN100_CLASSES + [EXTRA]):
+        for c in sorted(in100_tool.IN100_CLASSES + [EXTRA]):
             os.makedirs(os.path.join(root, split, c))
             for i in range(per):
                 img, fmt = _image(rng, kinds[k % len(kinds)])
@@ -97,7 +98,7 @@ def in100(tmp_path_factory):
     base = tmp_path_factory.mktemp("in100")
     fake, out = str(base / "imagenet"), str(base / "in100")
     kinds = make_fake_imagenet(fake)
-    r = run(["common.py", "build-in100", "--imagenet", fake, "--out", out], timeout=120)
+    r = run(["tools/build_in100.py", "--imagenet", fake, "--out", out], timeout=120)
     assert r.returncode == 0, r.stderr
     bad = first_file_read(os.path.join(out, "train"))
     with open(bad, "rb") as f:
@@ -140,7 +141,7 @@ def test_build_in100_links_the_100_classes_of_both_splits(in100):
     assert "100 classes linked" in in100["build"].stdout
     for split, per in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
         d = os.path.join(in100["out"], split)
-        assert sorted(os.listdir(d)) == sorted(common.IN100_CLASSES)  # EXTRA left out
+        assert sorted(os.listdir(d)) == sorted(in100_tool.IN100_CLASSES)  # EXTRA left out
         assert all(os.path.islink(os.path.join(d, c)) for c in os.listdir(d))
         ds = common.load_dataset("in100", in100["out"], "train" if split == "train" else "test")
         assert (len(ds), ds.num_classes, ds.size, ds.images) == (100 * per, 100, 224, None)  # decoded on the fly

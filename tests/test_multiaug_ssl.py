@@ -293,15 +293,16 @@ def test_run_with_fraction_views_and_vicreg_writes_a_probeable_checkpoint(tmp_pa
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     a = ck["args"]
     assert a["train_images"] == 32 and ck["step"] == 4  # 32 images / batch 8
-    assert (a["views"], a["loss"], a["pdim"], a["patch_size"], a["out_size"]) == (4, "vicreg", 32, None, 16)
+    assert (a["views"], a["loss"], a["pdim"], ck["probe"]["patch_size"], a["out_size"]) == (4, "vicreg", 32, None, 16)
     assert a["lam"] == ma.default_lam(4, 0.25, 32, "synthetic") == pytest.approx(0.08)  # 0.01 * 256 / 32
-    assert a["norm_mean"] == list(common.data_stats("synthetic")[0]) and a["proj"] == "32-32"
+    assert a["norm_mean"] == list(common.data_stats("synthetic")[0]) and ck["probe"]["proj"] == "32-32"
     assert ck["model"]["projector.3.weight"].shape == (32, 32) and "projector.0.bias" not in ck["model"]
     assert ck["model"]["projector.3.bias"].shape == (32,)
-    # eval_linear rebuilds the projector as common.projector(dim, args["proj"], bias=args["proj_bias"])
-    # and loads it strictly: the args must say which Linears have a bias
-    assert a["proj_bias"] == [False, True]
-    proj = common.projector(2048 if a["arch"] == "resnet50" else 512, a["proj"], bias=a["proj_bias"])
+    # eval_linear rebuilds the projector as common.projector(dim, probe["proj"], bias=probe["proj_bias"])
+    # and loads it strictly: the checkpoint's probe must say which Linears have a bias
+    probe = ck["probe"]
+    assert probe["proj_bias"] == [False, True]
+    proj = common.projector(2048 if a["arch"] == "resnet50" else 512, probe["proj"], bias=probe["proj_bias"])
     proj.load_state_dict({k[len("projector."):]: v for k, v in ck["model"].items() if k.startswith("projector.")})
     assert json.loads((out / "args.json").read_text())["train_fraction"] == 0.25
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4

@@ -313,17 +313,17 @@ def _two_process_worker(rank, world, out_dir):
     import torch.distributed as dist
     fixed = {chunk: _fixed_embedding_steps(rank, world, chunk) for chunk in (0, 7)}
     banks = []  # the bank at every checkpoint of a real 2-process training run
-    save, destroy = common.save_run, dist.destroy_process_group
+    save, destroy = common.Run.save, dist.destroy_process_group
 
-    def spy(args, step, epoch, backbone, model, optimizer, generator, method_state=None):
-        banks.append(method_state["bank"].clone())
-        return save(args, step, epoch, backbone, model, optimizer, generator, method_state)
+    def spy(run):
+        banks.append(run.state["bank"].clone())
+        return save(run)
 
-    common.save_run, dist.destroy_process_group = spy, (lambda *a, **k: None)
+    common.Run.save, dist.destroy_process_group = spy, (lambda *a, **k: None)
     try:
         npid.main(TINY + ["--epochs", "1", "--max-steps", "3", "--save-every", "1", "--out", out_dir])
     finally:
-        common.save_run, dist.destroy_process_group = save, destroy
+        common.Run.save, dist.destroy_process_group = save, destroy
     return {"fixed": fixed, "banks": banks}
 
 
