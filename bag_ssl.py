@@ -41,29 +41,29 @@ def parse_args(argv=None):
                            arch_help="backbone (App. C.1: resnet34 on CIFAR; C.2: resnet50 on in100)")
     a = p.add_argument
     a("--loss", default="vicreg", choices=LOSSES, help="joint-embedding objective (Sec. 4: all four; App. C.1)")
-    a("--patches", type=int, default=2, help="patches (views) per image (Sec. 4.1: two patches per image)")
-    a("--patch-size", type=int, default=None, help="patch side in px (Tables 1-3: 14 on CIFAR, 100 on in100)")
-    a("--out-size", type=int, default=None, help="side the views are resized to (Sec. 4.1: 32 on CIFAR; 224 on in100)")
+    a("--patches", type=common.COUNT, default=2, help="patches (views) per image (Sec. 4.1: two patches per image)")
+    a("--patch-size", type=common.COUNT, default=None, help="patch side in px (Tables 1-3: 14 on CIFAR, 100 on in100)")
+    a("--out-size", type=common.COUNT, default=None, help="side the views are resized to (Sec. 4.1: 32 on CIFAR; 224 on in100)")
     a("--multiscale", action="store_true",
       help="baseline: RandomResizedCrop(scale 0.08-1) views instead of fixed-scale patches (Tables 1-3)")
     a("--proj", default=None,
       help="projector dims (App. C.1: 4096-128 CIFAR-10, 4096-512 CIFAR-100; C.2: 8192-8192-8192 in100)")
-    a("--warmup-epochs", type=int, default=10,
+    a("--warmup-epochs", type=common.COUNT0, default=10,
       help="linear warm-up epochs before the cosine decay to 0 (App. C: 10; capped at half of a short run)")
-    a("--eta", type=float, default=0.005,
+    a("--eta", type=common.POSITIVE, default=0.005,
       help="LARS trust coefficient (not in the paper; 0.005 as the same group's official EMP-SSL code)")
     # VICReg (Bardes et al. 2021), App. C.1: invariance / variance / covariance 25 / 25 / 1
-    a("--sim-coeff", type=float, default=25.0, help="vicreg: invariance weight (App. C.1: 25)")
-    a("--std-coeff", type=float, default=25.0, help="vicreg: variance weight (App. C.1: 25)")
-    a("--cov-coeff", type=float, default=1.0, help="vicreg: covariance weight (App. C.1: 1)")
+    a("--sim-coeff", type=common.NONNEG, default=25.0, help="vicreg: invariance weight (App. C.1: 25)")
+    a("--std-coeff", type=common.NONNEG, default=25.0, help="vicreg: variance weight (App. C.1: 25)")
+    a("--cov-coeff", type=common.NONNEG, default=1.0, help="vicreg: covariance weight (App. C.1: 1)")
     # SimCLR (Chen et al. 2020)
-    a("--temperature", type=float, default=0.1, help="simclr: NT-Xent temperature (App. C.1: 0.1)")
+    a("--temperature", type=common.POSITIVE, default=0.1, help="simclr: NT-Xent temperature (App. C.1: 0.1)")
     # TCR (Li et al. 2022; the EMP-SSL objective with n views)
-    a("--inv-weight", type=float, default=None, help="tcr: lambda (App. C.1: 30 on CIFAR; C.2: 1920 on in100)")
-    a("--eps2", type=float, default=0.2, help="tcr: epsilon^2 of the coding rate (App. C.1: 0.2)")
+    a("--inv-weight", type=common.NONNEG, default=None, help="tcr: lambda (App. C.1: 30 on CIFAR; C.2: 1920 on in100)")
+    a("--eps2", type=common.POSITIVE, default=0.2, help="tcr: epsilon^2 of the coding rate (App. C.1: 0.2)")
     # BYOL (Grill et al. 2020)
-    a("--pred-hidden", type=int, default=4096, help="byol: predictor hidden width (BYOL Sec. 3.3: 4096)")
-    a("--tau-base", type=float, default=0.99,
+    a("--pred-hidden", type=common.COUNT, default=4096, help="byol: predictor hidden width (BYOL Sec. 3.3: 4096)")
+    a("--tau-base", type=common.PROB, default=0.99,
       help="byol: EMA momentum at step 0, cosine to 1 (BYOL Sec. 3.2; 0.99 as solo-learn's CIFAR config)")
     return p.parse_args(argv)
 
@@ -86,20 +86,14 @@ def resolve_args(argv=None):
     else:
         args.patch_size = args.patch_size or ps or round(image * 14 / 32)
         args.out_size = args.out_size or os_ or image
-        if args.patch_size <= 0 or args.patch_size > image:
+        if args.patch_size > image:
             common.fail(f"--patch-size {args.patch_size} does not fit the {image}px images")
-    if args.out_size <= 0:
-        common.fail("--out-size must be positive")
     args.stem = common.default_stem(args.dataset, args.out_size)
     mean, std = common.data_stats(args.dataset)
     args.norm_mean, args.norm_std = list(mean), list(std)
     args.blur = image > 32  # BYOL blur, off on 32 px data (as solo-learn's CIFAR configs)
     if args.patches < 2:
         common.fail("--patches must be at least 2 (two views per image)")
-    if args.warmup_epochs < 0:
-        common.fail("--warmup-epochs must not be negative")
-    if not (args.eps2 > 0 and args.temperature > 0 and 0 <= args.tau_base <= 1):
-        common.fail("--eps2 and --temperature must be positive and --tau-base in [0, 1]")
     return args
 
 

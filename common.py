@@ -10,7 +10,10 @@ import hashlib
 import json
 import math
 import os
+import re
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -389,7 +392,15 @@ def init_distributed():
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend, attempt = "nccl" if device.type == "cuda" else "gloo", os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if attempt != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # a torchrun --max-restarts restart: the agent's store still holds the failed attempt's keys,
+            # and a group built on them waits for peers that are gone (seen with gloo): a prefix per attempt
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank,
+                                    world_size=world)
+        else:
+            dist.init_process_group(backend)
     return rank, world, device
 
 
@@ -839,7 +850,7 @@ def fail(msg):
 
 class ArgParser(argparse.ArgumentParser):
     """argparse that takes no abbreviated flags (--epoch is not --epochs) and reports a bad
-    command line as one 'error:' line, exit code 2."""
+    command line as one 'error:' line, exit code 2 (a UserError, under run_cli)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
@@ -847,8 +858,39 @@ class ArgParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
-        sys.exit(2)
+        message = re.sub(r"^argument (--[\w-]+)(/[^:]*)?: ", r"\1 ", message)  # "--lr must be positive, ..."
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+class Number:
+    """argparse type of a numeric flag: an int, or a finite float, from lo to hi (open ends where
+    asked); any other value is one error line naming the flag and the range."""
+
+    def __init__(self, kind, lo, hi=None, open_lo=False, open_hi=False, says=None):
+        self.kind, self.lo, self.hi, self.open_lo, self.open_hi = kind, lo, hi, open_lo, open_hi
+        self.says = says or ("positive" if open_lo or (kind is int and lo == 1) else "0 or more" if lo == 0 else "")
+        self.__name__ = kind.__name__
+
+    def __call__(self, text):
+        try:
+            v = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes {'a whole number' if self.kind is int else 'a number'}, "
+                                             f"not '{text}'") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+        if v < self.lo or (self.open_lo and v == self.lo):
+            raise argparse.ArgumentTypeError(f"must be {self.says}, not {text}")
+        if self.hi is not None and (v > self.hi or (self.open_hi and v == self.hi)):
+            raise argparse.ArgumentTypeError(f"must be {self.says if '[' in self.says or '(' in self.says else f'at most {self.hi}'}, not {text}")
+        return v
+
+
+MAX_COUNT = 10 ** 9  # no count of steps, images, patches or pixels comes near it
+COUNT, COUNT0 = Number(int, 1, MAX_COUNT), Number(int, 0, MAX_COUNT)  # at least 1; at least 0 (0 = off or none)
+SEED = Number(int, 0, 2 ** 31 - 1)
+POSITIVE, NONNEG = Number(float, 0, open_lo=True), Number(float, 0)  # rates, temperatures; weights
+PROB = Number(float, 0, 1, says="in [0, 1]")
 
 
 def base_parser(description, **defaults):
@@ -860,29 +902,29 @@ def base_parser(description, **defaults):
     a = p.add_argument
     a("--dataset", default=d["dataset"], choices=DATASETS, help="data set (layouts: README 'Data layouts')")
     a("--data-dir", default=None, help="data root (default ./data/<dataset>)")
-    a("--image-size", type=int, default=None, help="image side for --dataset folder")
+    a("--image-size", type=COUNT, default=None, help="image side for --dataset folder")
     a("--download", action="store_true", help="let torchvision download CIFAR / STL-10 into --data-dir")
-    a("--epochs", type=int, default=d["epochs"], help=d.get("epochs_help", "training epochs"))
-    a("--schedule-epochs", type=int, default=None,
+    a("--epochs", type=COUNT, default=d["epochs"], help=d.get("epochs_help", "training epochs"))
+    a("--schedule-epochs", type=COUNT, default=None,
       help="length of the learning-rate schedule in epochs (default: --epochs); --epochs 1 --schedule-epochs 30 "
            "runs the first epoch of a 30-epoch cosine")
-    a("--batch-size", type=int, default=d["batch_size"], help=d.get("batch_help", "GLOBAL batch size (split over ranks)"))
-    a("--lr", type=float, default=d["lr"], help=d.get("lr_help", "base learning rate"))
-    a("--weight-decay", type=float, default=d["weight_decay"], help=d.get("wd_help", "weight decay"))
+    a("--batch-size", type=COUNT, default=d["batch_size"], help=d.get("batch_help", "GLOBAL batch size (split over ranks)"))
+    a("--lr", type=POSITIVE, default=d["lr"], help=d.get("lr_help", "base learning rate"))
+    a("--weight-decay", type=NONNEG, default=d["weight_decay"], help=d.get("wd_help", "weight decay"))
     a("--arch", default=d["arch"], choices=["resnet18", "resnet34", "resnet50"], help=d.get("arch_help", "backbone"))
     a("--out", default=None, help="run folder, one run each (default runs/<method>-<dataset>-<time>)")
     a("--resume", action="store_true",
       help="continue the run in --out from its checkpoint.pt (starts fresh when there is none yet)")
-    a("--seed", type=int, default=0)
-    a("--workers", type=int, default=4, help="data loading workers (file-based data sets)")
+    a("--seed", type=SEED, default=0)
+    a("--workers", type=COUNT0, default=4, help="data loading workers (file-based data sets)")
     a("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="autocast on CUDA (the CPU runs float32)")
     a("--channels-last", action="store_true", help="channels_last memory format (GPU speed)")
     a("--compile", action="store_true", help="torch.compile the backbone")
-    a("--subset", type=int, default=None, help="train on the first N images of a fixed seeded permutation")
-    a("--max-steps", type=int, default=None, help="stop after K optimizer steps (schedules still span the run)")
-    a("--log-every", type=int, default=20, help="progress line every K steps (and at the first and last)")
-    a("--save-every", type=int, default=1000, help="checkpoint every K steps (and at every epoch end)")
-    a("--eval-every", type=int, default=0, help="quick k-NN probe every E epochs and at the end (0 = off)")
+    a("--subset", type=COUNT, default=None, help="train on the first N images of a fixed seeded permutation")
+    a("--max-steps", type=COUNT, default=None, help="stop after K optimizer steps (schedules still span the run)")
+    a("--log-every", type=COUNT, default=20, help="progress line every K steps (and at the first and last)")
+    a("--save-every", type=COUNT, default=1000, help="checkpoint every K steps (and at every epoch end)")
+    a("--eval-every", type=COUNT0, default=0, help="quick k-NN probe every E epochs and at the end (0 = off)")
     a("--no-sync-bn", action="store_true", help="keep per-rank BatchNorm under DDP on CUDA")
     return p
 
@@ -899,19 +941,8 @@ def resolve_common(args, method):
     if args.out is None:
         args.out = os.path.join("runs", f"{method}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     ws = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.batch_size <= 0:
-        fail(f"--batch-size must be positive, not {args.batch_size}")
-    if args.batch_size % ws:
+    if args.batch_size % ws:  # each flag's own range is its argparse type's (Number)
         fail(f"--batch-size {args.batch_size} does not split over {ws} ranks")
-    positive = {"--epochs": args.epochs, "--lr": args.lr, "--log-every": args.log_every,
-                "--save-every": args.save_every, "--schedule-epochs": args.schedule_epochs,
-                "--max-steps": args.max_steps, "--subset": args.subset}
-    for flag, v in positive.items():
-        if v is not None and not v > 0:
-            fail(f"{flag} must be positive, not {v}")
-    for flag, v in {"--weight-decay": args.weight_decay, "--eval-every": args.eval_every, "--workers": args.workers}.items():
-        if not v >= 0:
-            fail(f"{flag} must not be negative, not {v}")
     if args.schedule_epochs is not None and args.schedule_epochs < args.epochs:
         fail(f"--schedule-epochs {args.schedule_epochs} is shorter than --epochs {args.epochs}")
     check_run_folder(args)
@@ -1042,6 +1073,27 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
+# saved activations of one 32 px patch through ResNet-18 (CIFAR stem), float32, forward + backward
+PATCH_BYTES = 4.6e6
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # preemption (SLURM, its --signal), torchrun stopping the survivors
+
+
+def step_memory(patches, out_size, stem):
+    """Bytes a training step of `patches` patches holds, by estimate: PATCH_BYTES a 32 px patch, scaled
+    by the input area (the ImageNet stem divides the side by 4 first); the larger ResNets need more."""
+    side = out_size / 4 if stem == "imagenet" else out_size
+    return patches * PATCH_BYTES * (side / 32) ** 2
+
+
+def host_memory():
+    """Bytes of memory this machine can give a new process (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 class Run:
     """One training run in its folder --out, around a method's loop:
 
@@ -1054,7 +1106,9 @@ class Run:
     --resume (model, optimiser, every rank's RNG state, method `state` such as a memory bank or an
     EMA target), the progress line (loss terms, lr, patches/s, ETA), --save-every and epoch-end
     checkpoints, the --eval-every k-NN probe on `probe`'s features, a non-finite loss (exit 3,
-    the last good checkpoint kept) and the closing line. `probe` (probe_info) is saved in the
+    the last good checkpoint kept), SIGTERM / SIGUSR1 (the step in progress ends, a checkpoint is
+    saved at it, exit 128 + the signal's number: 143 / 138), a step that does not fit in memory
+    (one line, exit 2) and the closing line. `probe` (probe_info) is saved in the
     checkpoint: it is what eval_linear.py needs to know about the run."""
 
     active = None  # the run in progress, for run_cli's Ctrl-C line
@@ -1067,7 +1121,13 @@ class Run:
         self.total = self.steps_per_epoch * args.epochs
         self.horizon = self.steps_per_epoch * (args.schedule_epochs or args.epochs)  # the lr schedule's length
         self.last = min(self.total, args.max_steps or self.total)  # the step this run stops at
-        self.steps, self.saved, self.epoch = 0, None, 0
+        self.steps, self.saved, self.epoch, self.signal = 0, None, 0, 0
+        self.device = next(model.parameters()).device
+        need, have = self.step_memory(), host_memory()
+        if self.device.type == "cpu" and have and need > have:
+            fail(f"a step of {patches // world_size()} patches of {probe['out_size']} px needs about {need / 2**30:.1f} GiB "
+                 f"by estimate, this machine has {have / 2**30:.1f} GiB available: use fewer --patches, a smaller "
+                 f"--batch-size or --out-size, or a GPU")
         Run.active = self
         if args.resume and os.path.exists(self.path):
             self._resume()
@@ -1075,6 +1135,18 @@ class Run:
         self.t_line, self.n_line = self.t0, 0
         if is_main():
             self._open_metrics()
+        self._handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                if hasattr(signal, name):
+                    self._handlers[name] = signal.signal(getattr(signal, name), self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.signal = signum  # the step in progress ends; step() saves at it and stops
+
+    def step_memory(self):
+        """Bytes one step of this rank holds, by estimate (step_memory)."""
+        return step_memory(self.patches / world_size(), self.probe["out_size"], self.probe["stem"])
 
     def _resume(self):
         ckpt = load_checkpoint(self.path, self.args.method)
@@ -1092,6 +1164,7 @@ class Run:
         set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)], self.gen)
         self.state.update(ckpt.get("state", {}))
         self.steps = self.saved = ckpt["step"]
+        self.saved_args = ckpt.get("args", {})
         if is_main():
             print(f"resumed from {self.path} at step {self.steps}", flush=True)
 
@@ -1104,7 +1177,16 @@ class Run:
             with open(os.path.join(self.args.out, "args.json"), "w") as f:
                 json.dump(vars(self.args), f, indent=1)
             _remove(metrics)
-        elif os.path.exists(metrics):
+        else:
+            try:
+                with open(os.path.join(self.args.out, "args.json")) as f:
+                    json.load(f)
+            except (OSError, ValueError):  # lost or torn: the checkpoint holds the run's recipe
+                with open(os.path.join(self.args.out, "args.json"), "w") as f:
+                    json.dump(self.saved_args, f, indent=1)
+                print(f"{self.args.out}/args.json was missing or unreadable: rewritten from the checkpoint's recipe",
+                      flush=True)
+        if self.steps and os.path.exists(metrics):
             with open(metrics) as f:
                 keep = [line for line in f if _logged_step(line) <= self.steps]
             with open(metrics + ".tmp", "w") as f:
@@ -1132,8 +1214,19 @@ class Run:
         self._close()
 
     def step(self, terms, lr):
-        """After each optimizer step: stop on a non-finite loss, then log, checkpoint, count."""
-        if not torch.isfinite(terms["loss"]).all():
+        """After each optimizer step: stop on a non-finite loss, then count, log, checkpoint; stop
+        after it on SIGTERM / SIGUSR1. Every rank takes the same decision at the same step."""
+        loss = terms["loss"]
+        flags = torch.stack([(~torch.isfinite(loss)).any().float(), loss.new_tensor(float(self.signal))])
+        if dist.is_initialized():
+            try:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            except RuntimeError:
+                if self.signal:  # torchrun stops the survivors of a lost worker: no group left to save with
+                    self.stopped_without_peer()
+                raise
+        bad, sig = flags.tolist()
+        if bad:
             print(f"error: non-finite loss at step {self.steps + 1}; stopping, last good checkpoint kept in "
                   f"{self.args.out}", file=sys.stderr, flush=True)
             _close_group()
@@ -1152,10 +1245,36 @@ class Run:
             self.write({"epoch": self.epoch, "step": s, **terms, "lr": lr, "patches_per_s": rate,
                         "elapsed_s": now - self.t0})
             self.t_line, self.n_line = now, 0
-        if s % a.save_every == 0:
+        if s % a.save_every == 0 or sig:
             self.save()
+        if sig:
+            name = signal.Signals(int(sig)).name
+            if is_main():
+                print(f"stopped by {name} at step {s}; checkpoint saved at step {s}: rerun with --resume",
+                      file=sys.stderr, flush=True)
+            self._close(quiet=True)
+            sys.exit(128 + int(sig))
         if os.environ.get("EFFSSL_CRASH_AT_STEP") == str(s):  # test hook: die as a killed worker would
             os._exit(137)
+
+    def stopped_without_peer(self):
+        """A stop signal while a peer is gone (a collective failed): no checkpoint can be written."""
+        name = signal.Signals(self.signal).name
+        last = f"last checkpoint at step {self.saved}: rerun with --resume" if self.saved is not None else "no checkpoint yet"
+        print(f"stopped by {name} at step {self.steps}: another rank is gone, {last}", file=sys.stderr, flush=True)
+        self._close(quiet=True)
+        sys.exit(128 + self.signal)
+
+    def out_of_memory(self):
+        """The one line for a step that does not fit in the device's memory."""
+        dev = self.device
+        total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else host_memory()
+        has = f", the device has {total / 2**30:.1f} GiB" if total else ""
+        fix = "--grad-checkpoint, " if hasattr(self.args, "grad_checkpoint") else ""
+        return (f"out of memory in step {self.steps + 1}: {self.patches // world_size()} patches of "
+                f"{self.probe['out_size']} px per rank (global patches {self.patches}) need about "
+                f"{self.step_memory() / 2**30:.1f} GiB by estimate{has}; ways out: {fix}fewer --patches, more ranks, "
+                f"a smaller --batch-size per rank; the last checkpoint is untouched")
 
     def save(self):
         """checkpoint.pt, written atomically by rank 0, with every rank's RNG state."""
@@ -1192,8 +1311,10 @@ class Run:
         if dist.is_initialized():
             dist.barrier()
 
-    def _close(self):
-        if is_main():
+    def _close(self, quiet=False):
+        for name, handler in self._handlers.items():
+            signal.signal(getattr(signal, name), handler)
+        if is_main() and not quiet:
             left = f" of {self.total}" if self.steps < self.total else ""
             print(f"done: ran steps {self.s0 + 1}-{self.steps}{left} in {(time.time() - self.t0) / 60:.1f} min; "
                   f"checkpoint {self.path} (step {self.steps})", flush=True)
@@ -1209,6 +1330,9 @@ def _logged_step(line):
         return math.inf
 
 
+OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
 def run_cli(main, training=True):
     """Call main(); a UserError becomes 'error: ...' on stderr and exit code 2, Ctrl-C one line
     saying where the run stopped (training=True: its step and last checkpoint) and exit code 130."""
@@ -1218,6 +1342,16 @@ def run_cli(main, training=True):
         print(f"error: {e}", file=sys.stderr, flush=True)
         _close_group()
         sys.exit(2)
+    except OutOfMemoryError:
+        run = Run.active
+        print(f"error: {run.out_of_memory() if run else 'out of memory: use a smaller --batch-size'}",
+              file=sys.stderr, flush=True)
+        _close_group()
+        sys.exit(2)
+    except RuntimeError:
+        if Run.active is not None and Run.active.signal:  # a collective failed: a peer is gone
+            Run.active.stopped_without_peer()
+        raise
     except KeyboardInterrupt:
         run = Run.active
         if not training:

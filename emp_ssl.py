@@ -36,13 +36,13 @@ def parse_args(argv=None):
                            batch_help="GLOBAL batch of images (Sec. 3: 100; Fig. 6 sweeps it)",
                            lr_help="LARS base learning rate (Sec. 3: 0.3)", wd_help="weight decay (Sec. 3: 1e-4)")
     a = p.add_argument
-    a("--patches", type=int, default=200, help="patches per image n (Sec. 3: 200; Table 2 also 20; Fig. 5 sweeps it)")
-    a("--patch-size", type=int, default=None, help="patch side in px (Sec. 3: 16 on CIFAR, 32 on Tiny, 112 on in100)")
-    a("--out-size", type=int, default=None, help="side the patches are resized to (Sec. 3: 32 on CIFAR, 224 on in100)")
-    a("--inv-weight", type=float, default=200.0, help="lambda, weight of the invariance term (Eq. 2: 200)")
-    a("--eps2", type=float, default=0.2, help="epsilon^2 of the coding rate (Eq. 1: 0.2)")
+    a("--patches", type=common.COUNT, default=200, help="patches per image n (Sec. 3: 200; Table 2 also 20; Fig. 5 sweeps it)")
+    a("--patch-size", type=common.COUNT, default=None, help="patch side in px (Sec. 3: 16 on CIFAR, 32 on Tiny, 112 on in100)")
+    a("--out-size", type=common.COUNT, default=None, help="side the patches are resized to (Sec. 3: 32 on CIFAR, 224 on in100)")
+    a("--inv-weight", type=common.NONNEG, default=200.0, help="lambda, weight of the invariance term (Eq. 2: 200)")
+    a("--eps2", type=common.POSITIVE, default=0.2, help="epsilon^2 of the coding rate (Eq. 1: 0.2)")
     a("--proj", default="4096-512", help="projector dims (Sec. 2: 4096-512; official code: 4096-4096-1024)")
-    a("--eta", type=float, default=0.005, help="LARS trust coefficient (official code: 0.005)")
+    a("--eta", type=common.POSITIVE, default=0.005, help="LARS trust coefficient (official code: 0.005)")
     a("--grad-checkpoint", action="store_true", help="recompute backbone activations in backward (CIFAR: 200 patches x batch 100 on one GPU; in100 needs several)")
     a("--patch-sampler", default="paper", choices=["paper", "official"],
       help="paper: n patch-size crops of the resized, centre-cropped image (Sec. 2); official: the authors' "
@@ -140,16 +140,10 @@ def resolve_args(args):
     """Data-set dependent defaults (Sec. 3 settings): patch and input sides, stem, normalisation."""
     args = common.resolve_common(args, "emp_ssl")
     ps, os_ = PATCH.get(args.dataset, (None, None))
-    if (args.patch_size is not None and args.patch_size <= 0) or (args.out_size is not None and args.out_size <= 0):
-        common.fail("--patch-size and --out-size must be positive")
     args.patch_size = args.patch_size or ps or (args.image_size or 64) // 2
     args.out_size = args.out_size or os_ or 2 * args.patch_size
     args.stem = common.default_stem(args.dataset, args.out_size)
     args.norm_mean = args.norm_std = [0.5, 0.5, 0.5]  # the official EMP-SSL normalisation
-    if args.patches <= 0:
-        common.fail("--patches must be positive")
-    if not args.eps2 > 0:
-        common.fail("--eps2 must be positive (Eq. 1: epsilon > 0)")
     return args
 
 

@@ -47,17 +47,17 @@ def parse_args(argv=None):
     a("--dataset", default=None, choices=common.DATASETS, help="probe data set (default: the checkpoint's)")
     a("--data-dir", default=None)
     a("--download", action="store_true", help="let torchvision download CIFAR / STL-10 into --data-dir")
-    a("--image-size", type=int, default=None, help="image side for --dataset folder")
+    a("--image-size", type=common.COUNT, default=None, help="image side for --dataset folder")
     a("--train-dataset", default=None, help="transfer: the data set the checkpoint was trained on (checked)")
     a("--mode", default=None, choices=["bag", "central", "local", "views"],
       help="image representation (default: bag for patch-trained checkpoints, else central)")
-    a("--patches", type=int, default=128, help="patches per bag (EMP-SSL: 128; BagSSL: 1/16/256)")
+    a("--patches", type=common.COUNT, default=128, help="patches per bag (EMP-SSL: 128; BagSSL: 1/16/256)")
     a("--positions", default="fixed", choices=["fixed", "random"],
       help="bag patch positions: the same in every image (fixed), or drawn per image from --seed (random, BagSSL)")
-    a("--patch-size", type=int, default=None, help="patch side (default: the training patch side)")
-    a("--out-size", type=int, default=None, help="side patches are resized to (default: training input side)")
-    a("--stride", type=int, default=4, help="--mode local: sliding-window stride (BagSSL App. C.4: 4)")
-    a("--views", type=int, default=16, help="--mode views: views per image (1 clean + V-1 augmented)")
+    a("--patch-size", type=common.COUNT, default=None, help="patch side (default: the training patch side)")
+    a("--out-size", type=common.COUNT, default=None, help="side patches are resized to (default: training input side)")
+    a("--stride", type=common.COUNT, default=4, help="--mode local: sliding-window stride (BagSSL App. C.4: 4)")
+    a("--views", type=common.COUNT, default=16, help="--mode views: views per image (1 clean + V-1 augmented)")
     a("--bag-augment", action="store_true", help="apply the training augmentations to bag patches (official EMP-SSL eval)")
     a("--feature", default="backbone", choices=["backbone", "head1"],
       help="backbone embedding h (papers) or the first projector block (official EMP-SSL eval)")
@@ -65,19 +65,19 @@ def parse_args(argv=None):
     a("--linear-aug", action="store_true",
       help="NPID + SqrtKL's linear probe (after SSQL): augmented train images each epoch, SGD lr 30, wd 0, "
            "100 epochs, steps at 60 and 80, batch 128 (--mode central)")
-    a("--linear-epochs", type=int, default=None, help="default 100 (sgd) / 200 (adam)")
-    a("--linear-lr", type=float, default=None, help="default 0.03 (sgd) / 1e-3 (adam) / 30 (--linear-aug)")
+    a("--linear-epochs", type=common.COUNT, default=None, help="default 100 (sgd) / 200 (adam)")
+    a("--linear-lr", type=common.POSITIVE, default=None, help="default 0.03 (sgd) / 1e-3 (adam) / 30 (--linear-aug)")
     a("--linear-opt", default="sgd", choices=["sgd", "adam"])
-    a("--linear-wd", type=float, default=None, help="default 5e-5 (sgd) / 1e-6 (adam) / 0 (--linear-aug)")
-    a("--linear-batch", type=int, default=None, help="default 100 (sgd) / 512 (adam) / 128 (--linear-aug)")
-    a("--label-smoothing", type=float, default=None, help="default 0 (sgd) / 0.1 (adam)")
+    a("--linear-wd", type=common.NONNEG, default=None, help="default 5e-5 (sgd) / 1e-6 (adam) / 0 (--linear-aug)")
+    a("--linear-batch", type=common.COUNT, default=None, help="default 100 (sgd) / 512 (adam) / 128 (--linear-aug)")
+    a("--label-smoothing", type=common.Number(float, 0, 1, open_hi=True, says="in [0, 1)"), default=None, help="default 0 (sgd) / 0.1 (adam)")
     a("--knn-k", default="20,200")
-    a("--knn-t", type=float, default=0.07)
-    a("--subset", type=int, default=None, help="probe on a fixed seeded subset of N training images")
-    a("--test-subset", type=int, default=None, help="evaluate on a fixed seeded subset of N test images")
-    a("--batch-size", type=int, default=256, help="images per feature-extraction batch")
-    a("--workers", type=int, default=4)
-    a("--seed", type=int, default=0, help="seed of the random init, patch positions and view augmentations")
+    a("--knn-t", type=common.POSITIVE, default=0.07)
+    a("--subset", type=common.COUNT, default=None, help="probe on a fixed seeded subset of N training images")
+    a("--test-subset", type=common.COUNT, default=None, help="evaluate on a fixed seeded subset of N test images")
+    a("--batch-size", type=common.COUNT, default=256, help="images per feature-extraction batch")
+    a("--workers", type=common.COUNT0, default=4)
+    a("--seed", type=common.SEED, default=0, help="seed of the random init, patch positions and view augmentations")
     a("--out", default=None, help="folder for the result file (default: the checkpoint's folder)")
     return p.parse_args(argv)
 
@@ -347,12 +347,10 @@ def main(argv=None):
     probes = [p for p in args.probe.split(",") if p]
     if not probes or set(probes) - {"linear", "knn"}:
         common.fail(f"--probe takes linear and/or knn, not '{args.probe}'")
-    if args.patches <= 0 or args.views <= 0 or args.batch_size <= 0:
-        common.fail("--patches, --views and --batch-size must be positive")
     try:
-        ks = [int(k) for k in args.knn_k.split(",")]
-    except ValueError:
-        common.fail(f"--knn-k takes a comma list of integers, not '{args.knn_k}'")
+        ks = [common.COUNT(k) for k in args.knn_k.split(",")]
+    except Exception:  # argparse.ArgumentTypeError, or a value that is no number
+        common.fail(f"--knn-k takes a comma list of whole numbers from 1 up, not '{args.knn_k}'")
     if args.ckpt != "random" and os.path.isdir(args.ckpt):  # a run folder
         args.ckpt = os.path.join(args.ckpt, "checkpoint.pt")
     backbone, proj, info = load_backbone(args)
@@ -383,6 +381,8 @@ def main(argv=None):
         train = train.subset(common.subset_indices(len(train), args.subset, seed=1))
     if args.test_subset:
         test = test.subset(common.subset_indices(len(test), args.test_subset, seed=2))
+    if "knn" in probes and max(ks) > len(train):
+        common.fail(f"--knn-k {max(ks)} is larger than the {len(train)} training images of the probe")
     what = f"{args.mode}" + (f" of {args.patches} x {args.patch_size}px patches ({args.positions} positions)"
                              if args.mode == "bag" else "")
     print(f"probe {args.ckpt} on {args.dataset} ({len(train)} train / {len(test)} test), {what}, "

@@ -57,25 +57,25 @@ def parse_args(argv=None):
                            wd_help="Adam weight decay (App. D: 1e-6)",
                            arch_help="backbone (App. D: resnet50 on CIFAR/STL, resnet18 on in100)")
     a = p.add_argument
-    a("--views", type=int, default=2, help="augmented views per image M (Sec. 4.2: 2, 4, 8)")
+    a("--views", type=common.COUNT, default=2, help="augmented views per image M (Sec. 4.2: 2, 4, 8)")
     a("--loss", default="barlow", choices=["barlow", "vicreg"], help="Barlow Twins or VICReg form of Eq. (10) (Sec. 4)")
-    a("--pdim", type=int, default=256, help="projector width and output dim (Sec. 4.1-4.2: 256; Fig. 2 sweeps 64-8192)")
-    a("--lam", type=float, default=None,
+    a("--pdim", type=common.COUNT, default=256, help="projector width and output dim (Sec. 4.1-4.2: 256; Fig. 2 sweeps 64-8192)")
+    a("--lam", type=common.NONNEG, default=None,
       help="Barlow Twins off-diagonal weight lambda (Sec. 4.1). Default: the authors' scripts' value for "
            "--dataset, --views, --train-fraction and --pdim (table above): CIFAR-10 pdim 256: 0.02 for 2 views, "
            "0.01 for 4 and 8, 0.01 for 4 views on 50 %%, 0.006 for 8 views on 25 %%; pdim 8192: 8e-4 / 4e-4")
-    a("--sim-coeff", type=float, default=25.0, help="VICReg invariance weight (App. D Eq. 49: 25)")
-    a("--std-coeff", type=float, default=25.0, help="VICReg variance weight (App. D Eq. 49: 25)")
-    a("--cov-coeff", type=float, default=1.0, help="VICReg covariance weight (App. D Eq. 49: 1)")
-    a("--train-fraction", type=float, default=1.0,
+    a("--sim-coeff", type=common.NONNEG, default=25.0, help="VICReg invariance weight (App. D Eq. 49: 25)")
+    a("--std-coeff", type=common.NONNEG, default=25.0, help="VICReg variance weight (App. D Eq. 49: 25)")
+    a("--cov-coeff", type=common.NONNEG, default=1.0, help="VICReg covariance weight (App. D Eq. 49: 1)")
+    a("--train-fraction", type=common.Number(float, 0, 1, open_lo=True, says="in (0, 1]"), default=1.0,
       help="train on a fixed seeded fraction of the training set (Sec. 4.3: 1.0 / 0.5 / 0.25 for 2 / 4 / 8 views)")
-    a("--out-size", type=int, default=None,
+    a("--out-size", type=common.COUNT, default=None,
       help="side the random resized crops are resized to (default: 64 with --dataset stl10 as the authors' "
            "STL-10 pipeline, else the image side)")
-    a("--scale", type=float, nargs=2, default=None,
+    a("--scale", type=common.Number(float, 0, 1, open_lo=True, says="in (0, 1]"), nargs=2, default=None,
       help="random resized crop area range (default: the authors' pipelines, (0.2, 1) with --dataset stl10, "
            "else (0.08, 1))")
-    a("--p-gray", type=float, default=None,
+    a("--p-gray", type=common.PROB, default=None,
       help="grayscale probability of each view (default: the authors' pipelines, 0.1 with --dataset stl10, "
            "else 0.2; not in the paper)")
     return resolve_defaults(p.parse_args(argv))
@@ -95,17 +95,13 @@ def resolve_defaults(args):
         common.fail("--views must be at least 2")
     if args.schedule_epochs is not None:
         common.fail("--schedule-epochs: multiaug_ssl trains at a constant learning rate (App. D), it has no schedule")
-    if not 0 < args.train_fraction <= 1:
-        common.fail("--train-fraction must be in (0, 1]")
     if args.pdim <= 1:
         common.fail("--pdim must be at least 2")
     recipe = RECIPES.get(args.dataset, RECIPES[None])
     for k, v in recipe.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if not 0 <= args.p_gray <= 1:
-        common.fail("--p-gray must be in [0, 1]")
-    if not 0 < args.scale[0] <= args.scale[1] <= 1:
+    if args.scale[0] > args.scale[1]:
         common.fail("--scale takes two numbers 0 < lo <= hi <= 1")
     if args.lam is None:
         args.lam = default_lam(args.views, args.train_fraction, args.pdim, args.dataset)

@@ -44,15 +44,15 @@ def parse_args(argv=None):
                            lr_help="SGD base learning rate, cosine decay (Sec. 4.1: 0.1)",
                            wd_help="weight decay (Sec. 4.1: 1e-4)")
     a = p.add_argument
-    a("--out-size", type=int, default=None, help="network input side (default: the data set's image side)")
+    a("--out-size", type=common.COUNT, default=None, help="network input side (default: the data set's image side)")
     a("--proj", default="128", help="head after the backbone: one linear layer to 128-d, as NPID (Sec. 3.1)")
-    a("--temperature", type=float, default=0.1,
+    a("--temperature", type=common.POSITIVE, default=0.1,
       help="tau in s = W z / tau (NPID's CIFAR value 0.1; the paper's Eq. 1 omits it)")
     # lambda 20 is the paper's, for 400 epochs; in short runs see docs/results.md#npid-short-runs
-    a("--lam", type=float, default=20.0, help="lambda, weight of L_SqrtKL (Eq. 13, Sec. 4.1: 20; Fig. 5; 0 = Table 6 without SqrtKL)")
+    a("--lam", type=common.NONNEG, default=20.0, help="lambda, weight of L_SqrtKL (Eq. 13, Sec. 4.1: 20; Fig. 5; 0 = Table 6 without SqrtKL)")
     a("--sqrtkl-part", default="full", choices=["full", "l1", "l2"],
       help="which part of L_SqrtKL = L1 + L2 to use (Eq. 12; Table 8 ablation)")
-    a("--bank-momentum", type=float, default=0.5, help="m of the bank update, Eq. (3)/(6) (Sec. 4.1: 0.5; Fig. 4)")
+    a("--bank-momentum", type=common.Number(float, 0, 1, open_hi=True, says="in [0, 1)"), default=0.5, help="m of the bank update, Eq. (3)/(6) (Sec. 4.1: 0.5; Fig. 4)")
     a("--no-calibrate", action="store_true", help="random bank as NPID instead of Feature Calibrate (Table 6)")
     # Feature Calibrate's BatchNorm mode and the colour jitter: chosen on CIFAR-10, docs/results.md#npid-calibration-grid
     a("--calibrate-bn", default="eval", choices=["train", "eval"],
@@ -60,27 +60,23 @@ def parse_args(argv=None):
            "eval = the untrained network's running statistics (mean 0, variance 1; default, chosen on CIFAR-10); "
            "train = batch statistics, as step 0 of training computes z")
     a("--no-grad-update", action="store_true", help="NPID's update Eq. (3) instead of Grad Update Eq. (6) (Table 6)")
-    a("--bank-chunk", type=int, default=0,
+    a("--bank-chunk", type=common.COUNT0, default=0,
       help="softmax over the bank in chunks of this many rows (0 = all at once); see the memory note above")
     # NPID's CIFAR augmentation (Wu et al. 2018, arXiv:1805.01978; the official lemniscate.pytorch cifar.py):
     # RandomResizedCrop(scale=(0.2, 1)), ColorJitter(0.4, 0.4, 0.4, 0.4) on every image, RandomGrayscale(0.2).
     # The jitter default is brightness and contrast 0.4 at p 0.8 (chosen on CIFAR-10, see --calibrate-bn);
     # NPID's is --jitter 0.4 0.4 0.4 0.4 --p-jitter 1
-    a("--jitter", type=float, nargs=4, default=(0.4, 0.4, 0.0, 0.0), metavar=("B", "C", "S", "H"),
+    a("--jitter", type=common.NONNEG, nargs=4, default=(0.4, 0.4, 0.0, 0.0), metavar=("B", "C", "S", "H"),
       help="colour-jitter strength: brightness, contrast, saturation, hue (default 0.4 0.4 0 0; NPID's CIFAR "
            "code: 0.4 0.4 0.4 0.4)")
-    a("--p-jitter", type=float, default=0.8, help="colour-jitter probability (default 0.8; NPID's CIFAR code: 1, always)")
-    a("--p-gray", type=float, default=0.2, help="grayscale probability (NPID's CIFAR code: 0.2)")
-    a("--flip", type=float, default=0.0,
+    a("--p-jitter", type=common.PROB, default=0.8, help="colour-jitter probability (default 0.8; NPID's CIFAR code: 1, always)")
+    a("--p-gray", type=common.PROB, default=0.2, help="grayscale probability (NPID's CIFAR code: 0.2)")
+    a("--flip", type=common.PROB, default=0.0,
       help="horizontal-flip probability (NPID's CIFAR code: 0, its RandomHorizontalFlip is commented out; "
            "its ImageNet code, main.py, flips with 0.5)")
     args = p.parse_args(argv)
-    b, c, s, h = args.jitter
-    if min(b, c, s) < 0 or not 0 <= h <= 0.5:
+    if args.jitter[3] > 0.5:
         common.fail("--jitter takes brightness, contrast, saturation >= 0 and a hue in [0, 0.5]")
-    for flag, v in {"--p-jitter": args.p_jitter, "--p-gray": args.p_gray, "--flip": args.flip}.items():
-        if not 0 <= v <= 1:
-            common.fail(f"{flag} must be in [0, 1], not {v}")
     return args
 
 
@@ -251,8 +247,6 @@ class NPIDNet(nn.Module):
 
 def main(argv=None):
     args = common.resolve_common(parse_args(argv), "npid_sqrtkl")
-    if args.temperature <= 0 or args.lam < 0 or not 0 <= args.bank_momentum < 1 or args.bank_chunk < 0:
-        common.fail("need --temperature > 0, --lam >= 0, 0 <= --bank-momentum < 1 and --bank-chunk >= 0")
     rank, world, device = common.init_distributed()
     torch.manual_seed(args.seed)
 

@@ -539,3 +539,199 @@ def test_views_probe_takes_the_views_of_the_run_stl10_and_cifar(tmp_path, monkey
         monkeypatch.undo()
         monkeypatch.setenv("EFFSSL_CACHE", str(tmp_path / "cache"))
         assert seen and set(seen) == set(expected[ds]), (ds, set(seen))
+
+
+# --- cluster events: preemption signals, a lost worker, out of memory -------------------------------
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def _losses(out):
+    return [r["loss"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "loss" in r]
+
+
+def _children(pid):
+    """PIDs of the processes whose parent is pid (torchrun's workers)."""
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
+
+
+def _start(cmd, out):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd + ["--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def _wait_for_step(p, step, timeout=240):
+    """Read p's output until a progress line of step `step` or later."""
+    deadline = time.time() + timeout
+    for line in p.stdout:
+        m = re.search(r"step (\d+)/", line)
+        if (m and int(m.group(1)) >= step) or time.time() > deadline:
+            return
+
+
+def _stop(p, sig, to_worker, after):
+    """Wait for a step after `after`, signal the process (or one of torchrun's workers); (stop step, stderr)."""
+    _wait_for_step(p, after + 1)
+    os.kill(max(_children(p.pid)) if to_worker else p.pid, sig)
+    _, err = p.communicate(timeout=120)
+    name = signal.Signals(sig).name
+    stops = re.findall(rf"stopped by {name} at step (\d+); checkpoint saved at step (\d+): rerun with --resume", err)
+    assert len(stops) == 1 and stops[0][0] == stops[0][1], err[-2000:]
+    return int(stops[0][0]), err
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_sigterm_saves_the_step_in_progress_and_the_resumed_run_equals_the_unstopped_one(ranks, tmp_path):
+    """One process: SIGTERM. Two gloo workers: SIGUSR1 to ONE of them (SLURM's --signal), then, after a
+    resume, SIGTERM to torchrun, which passes it on to its workers. Every rank ends the same step, rank 0
+    saves it, one line names it, exit 128 + the signal; the resumed run's losses are those of the run
+    never stopped, bit for bit, each step once in metrics.jsonl."""
+    flags = [*TINY, "--epochs", "10", "--save-every", "100"]  # 40 steps; no checkpoint but the signal's
+    cmd = (TORCHRUN if ranks == 2 else [sys.executable]) + ["emp_ssl.py", *flags]
+    ref = _start(cmd, tmp_path / "ref")
+    ref.communicate(timeout=300)
+    assert ref.returncode == 0
+    stops = [(signal.SIGTERM, False)] if ranks == 1 else [(signal.SIGUSR1, True), (signal.SIGTERM, False)]
+    step = 2
+    for k, (sig, to_worker) in enumerate(stops):
+        p = _start(cmd + ["--resume"] * k, tmp_path / "run")
+        last, (step, err) = step, _stop(p, sig, to_worker, step)
+        assert last < step < 40 and torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == step
+        if ranks == 1:
+            assert p.returncode == 128 + sig, err[-2000:]
+        elif to_worker:
+            assert len(re.findall(rf"exitcode\s*:\s*{128 + sig}", err)) == 2, err[-2000:]  # torchrun's report
+        else:
+            assert p.returncode != 0
+    r = _start(cmd + ["--resume"], tmp_path / "run")
+    _, err = r.communicate(timeout=300)
+    assert r.returncode == 0, err[-2000:]
+    assert steps_logged(tmp_path / "run") == list(range(1, 41))
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "ref")
+
+
+def test_a_worker_killed_under_max_restarts_ends_in_a_finished_run(tmp_path):
+    """SIGKILL of one of two workers: torchrun stops the other (its SIGTERM finds no peer to save with:
+    one line), restarts both, they resume from the last checkpoint and finish; every step once."""
+    flags = [*TINY, "--epochs", "3", "--save-every", "2", "--resume"]
+    p = _start(TORCHRUN + ["--max-restarts", "1", "emp_ssl.py", *flags], tmp_path / "run")
+    _wait_for_step(p, 5)
+    os.kill(max(_children(p.pid)), signal.SIGKILL)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert "resumed from" in out and "done: ran steps" in out
+    assert steps_logged(tmp_path / "run") == list(range(1, 13))
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 12
+
+
+def test_cuda_out_of_memory_in_a_step_is_one_line_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
+    real, calls = emp_ssl.emp_loss, []
+
+    def loss(*a, **k):  # the second step's allocation fails, as CUDA reports it
+        calls.append(1)
+        if len(calls) == 2:
+            raise common.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(*a, **k)
+    monkeypatch.setattr(emp_ssl, "emp_loss", loss)
+    out = tmp_path / "run"
+    code, _, err = call(emp_ssl.main, TINY + ["--max-steps", "3", "--save-every", "1", "--out", str(out)], capsys)
+    one_error_line(code, err, "out of memory in step 2: 32 patches of 8 px per rank")
+    assert "--grad-checkpoint" in err[0] and "GiB by estimate" in err[0] and "smaller --batch-size" in err[0]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1
+
+
+def test_a_cpu_step_that_cannot_fit_the_machine_is_refused_before_it_starts(tmp_path, capsys):
+    out = tmp_path / "run"
+    t0 = time.time()
+    code, _, err = call(emp_ssl.main, ["--dataset", "synthetic", "--patches", "100000", "--batch-size", "64",
+                                       "--out", str(out)], capsys)
+    one_error_line(code, err, "a step of 6400000 patches of 32 px needs about")
+    assert "GiB available" in err[0] and time.time() - t0 < 60 and not out.exists()
+
+
+def test_a_resume_whose_args_json_is_unreadable_rewrites_it_from_the_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    emp_ssl.main(TINY + ["--max-steps", "1", "--out", str(out)])
+    want = json.loads((out / "args.json").read_text())
+    (out / "args.json").write_text('{"torn')
+    code, stdout, _ = call(emp_ssl.main, TINY + ["--max-steps", "2", "--resume", "--out", str(out)], capsys)
+    assert code == 0 and "args.json was missing or unreadable: rewritten from the checkpoint's recipe" in stdout
+    assert json.loads((out / "args.json").read_text()) == want
+
+
+# --- every numeric flag is checked -----------------------------------------------------------------
+
+SCRIPTS = ("emp_ssl", "bag_ssl", "multiaug_ssl", "npid_sqrtkl", "eval_linear")
+# flags for which 0 is a meaningful value (off, none, a weight of 0, a probability of 0); any other 0 is refused
+ZERO_OK = {"--workers", "--eval-every", "--warmup-epochs", "--bank-chunk", "--seed", "--weight-decay", "--inv-weight",
+           "--sim-coeff", "--std-coeff", "--cov-coeff", "--lam", "--linear-wd", "--jitter", "--p-gray", "--p-jitter",
+           "--flip", "--tau-base", "--bank-momentum", "--label-smoothing"}
+PROBABILITIES = {"--p-gray", "--p-jitter", "--flip", "--tau-base", "--bank-momentum", "--label-smoothing",
+                 "--train-fraction", "--scale"}
+
+
+def _parser(script, monkeypatch):
+    """The argparse parser a script builds (its parse_args stopped before parsing)."""
+    import importlib
+
+    class Got(Exception):
+        pass
+    box = {}
+
+    def grab(self, *a, **k):
+        box["p"] = self
+        raise Got
+    monkeypatch.setattr(common.ArgParser, "parse_args", grab)
+    with pytest.raises(Got):
+        importlib.import_module(script).parse_args([])
+    monkeypatch.undo()
+    return box["p"]
+
+
+def _bad_values(flag, kind):
+    values = ["-1", str(10 ** 12) if kind is int else "inf"]
+    if flag not in ZERO_OK:
+        values.append("0")
+    if flag in PROBABILITIES:
+        values.append("2")
+    return values
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_numeric_flag_refuses_zero_negative_and_absurd_values_in_one_line(script, tmp_path, capsys, monkeypatch):
+    import importlib
+    flags = [a for a in _parser(script, monkeypatch)._actions if a.option_strings and a.type is not None]
+    assert not [a.option_strings for a in flags if a.type in (int, float)]  # every numeric flag has its range
+    numeric = [a for a in flags if isinstance(a.type, common.Number)]
+    assert len(numeric) >= 15
+    main, out = importlib.import_module(script).main, tmp_path / "out"
+    base = ["--ckpt", "random", "--out", str(out)] if script == "eval_linear" else ["--out", str(out)]
+    tried = 0
+    for a in numeric:
+        flag = a.option_strings[0]
+        for v in _bad_values(flag, a.type.kind):
+            code, _, err = call(main, base + [flag] + [v] * (a.nargs if isinstance(a.nargs, int) else 1), capsys)
+            one_error_line(code, err, flag)
+            assert not out.exists(), (flag, v)
+            tried += 1
+    assert tried >= 3 * len(numeric) - len(ZERO_OK)
+
+
+@pytest.mark.parametrize("k", ["0", "-5", "20,x", "500"])
+def test_knn_k_outside_one_to_the_probes_training_images_is_one_line(k, tmp_path, capsys):
+    out = tmp_path / "probe"
+    code, _, err = call(eval_linear.main, ["--ckpt", "random", "--dataset", "synthetic", "--probe", "knn",
+                                           "--knn-k", k, "--subset", "100", "--test-subset", "50", "--out", str(out)],
+                        capsys)
+    one_error_line(code, err, "--knn-k")
+    assert not out.exists()

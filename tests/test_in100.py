@@ -314,7 +314,7 @@ def test_emp_ssl_official_sampler_feeds_the_step(side, tmp_path, monkeypatch):
             calls["boxes"].append((n, h, w, ratio, out))
         return out
 
-    monkeypatch.setattr(common, "rrc_file_views", files_spy)
+    monkeypatch.setattr(emp_ssl, "rrc_file_views", files_spy)
     monkeypatch.setattr(common, "random_resized_boxes", boxes_spy)
     emp_ssl.main(["--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--image-size", str(side),
                   "--patch-sampler", "official", "--patches", "3", "--out-size", "16", "--patch-size", str(side // 2),
