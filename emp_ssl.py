@@ -14,7 +14,7 @@ Paper: Tong, Chen, Ma, LeCun, "EMP-SSL: Towards Self-Supervised Learning in One 
   then the paper's probe, a 128-patch bag of backbone embeddings (Sec. 3):
     python eval_linear.py --ckpt runs/emp-t2 --mode bag --patches 128
 The paper recipe holds 200 x 100 = 20,000 patches a step: a GPU's work (README, "What the paper
-recipes cost"); there add --channels-last (measured speeds: docs/results.md).
+recipes cost"; measured speeds: docs/results.md).
 Multi-GPU (batch is global): torchrun --nproc_per_node=4 emp_ssl.py --dataset in100
 """
 import functools

@@ -735,3 +735,35 @@ def test_knn_k_outside_one_to_the_probes_training_images_is_one_line(k, tmp_path
                         capsys)
     one_error_line(code, err, "--knn-k")
     assert not out.exists()
+
+
+def test_a_step_between_log_lines_and_checkpoints_never_waits_for_the_device(tmp_path, monkeypatch):
+    """Run.step keeps the first non-finite step on the device and looks at it only where the run must
+    know it (a log line, a checkpoint, a stop): the steps in between call nothing that makes the host
+    wait for the device (on a GPU: no sync), so the next step's work is queued while this one runs."""
+    waits = {"nonzero", "item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"}
+    seen = {}
+
+    class Calls(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.setdefault(self.step, set()).add(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+    real = common.Run.step
+
+    def step(run, terms, lr):
+        mode = Calls()
+        mode.step = run.steps + 1
+        with mode:
+            return real(run, terms, lr)
+    monkeypatch.setattr(common.Run, "step", step)
+    emp_ssl.main(TINY + ["--epochs", "2", "--max-steps", "6", "--log-every", "4", "--out", str(tmp_path / "run")])
+    assert sorted(seen) == [1, 2, 3, 4, 5, 6]
+    assert [s for s in seen if seen[s] & waits] == [1, 4, 6]  # the first, every 4th and the last log
+
+
+def test_channels_last_is_on_by_default_with_cuda_and_no_channels_last_turns_it_off(tmp_path, monkeypatch):
+    for cuda, flags, want in ((True, [], True), (True, ["--no-channels-last"], False), (False, [], False),
+                              (False, ["--channels-last"], True)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        args = emp_ssl.resolve_args(emp_ssl.parse_args(TINY + flags + ["--out", str(tmp_path / "run")]))
+        assert args.channels_last is want, (cuda, flags)
