@@ -401,7 +401,8 @@ def init_distributed():
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        backend, attempt = "nccl" if device.type == "cuda" else "gloo", os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         if attempt != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             # a torchrun --max-restarts restart: the agent's store still holds the failed attempt's keys,
             # and a group built on them waits for peers that are gone (seen with gloo): a prefix per attempt
@@ -517,15 +518,16 @@ def central_view(images, out_size, mean, std, resize=True):
     return normalize(x, mean, std)
 
 
-def probe_info(arch, stem, out_size, mean, std, patch_size=None, proj=None, proj_bias=True, views=None):
+def probe_info(arch, stem, out_size, mean, std, patch_size=None, proj=None, proj_bias=True, views=None, aug=None):
     """What eval_linear.py needs to know about a run, saved in its checkpoint: the backbone (arch,
     stem), the input (side, normalisation), the default representation (a bag of patch_size
     patches for a method that trains on patches, else the whole image), the projector (for
-    --feature head1) and the method's own views (for --mode views: crop scale, ratio, augmentation)."""
+    --feature head1), the method's own views (for --mode views: crop scale, ratio, augmentation) and
+    patch augmentation (for --bag-augment)."""
     bias = [bool(b) for b in proj_bias] if isinstance(proj_bias, (list, tuple)) else bool(proj_bias)
     return {"arch": arch, "stem": stem, "out_size": out_size, "mean": list(mean), "std": list(std),
             "mode": "bag" if patch_size else "central", "patch_size": patch_size, "proj": proj,
-            "proj_bias": bias, "views": views}
+            "proj_bias": bias, "views": views, "aug": aug}
 
 
 @torch.no_grad()
@@ -891,7 +893,8 @@ class Number:
         if v < self.lo or (self.open_lo and v == self.lo):
             raise argparse.ArgumentTypeError(f"must be {self.says}, not {text}")
         if self.hi is not None and (v > self.hi or (self.open_hi and v == self.hi)):
-            raise argparse.ArgumentTypeError(f"must be {self.says if '[' in self.says or '(' in self.says else f'at most {self.hi}'}, not {text}")
+            says = self.says if self.says.startswith("in ") else f"at most {self.hi}"
+            raise argparse.ArgumentTypeError(f"must be {says}, not {text}")
         return v
 
 
@@ -917,7 +920,8 @@ def base_parser(description, **defaults):
     a("--schedule-epochs", type=COUNT, default=None,
       help="length of the learning-rate schedule in epochs (default: --epochs); --epochs 1 --schedule-epochs 30 "
            "runs the first epoch of a 30-epoch cosine")
-    a("--batch-size", type=COUNT, default=d["batch_size"], help=d.get("batch_help", "GLOBAL batch size (split over ranks)"))
+    a("--batch-size", type=COUNT, default=d["batch_size"],
+      help=d.get("batch_help", "GLOBAL batch size (split over ranks)"))
     a("--lr", type=POSITIVE, default=d["lr"], help=d.get("lr_help", "base learning rate"))
     a("--weight-decay", type=NONNEG, default=d["weight_decay"], help=d.get("wd_help", "weight decay"))
     a("--arch", default=d["arch"], choices=["resnet18", "resnet34", "resnet50"], help=d.get("arch_help", "backbone"))
@@ -1138,7 +1142,8 @@ class Run:
         self.bad = torch.zeros((), dtype=torch.long, device=self.device)  # the first non-finite step, 0: none
         need, have = self.step_memory(), host_memory()
         if self.device.type == "cpu" and have and need > have:
-            fail(f"a step of {patches // world_size()} patches of {probe['out_size']} px needs about {need / 2**30:.1f} GiB "
+            fail(f"a step of {patches // world_size()} patches of {probe['out_size']} px needs about "
+                 f"{need / 2**30:.1f} GiB "
                  f"by estimate, this machine has {have / 2**30:.1f} GiB available: use fewer --patches, a smaller "
                  f"--batch-size or --out-size, or a GPU")
         Run.active = self
@@ -1291,7 +1296,8 @@ class Run:
     def stopped_without_peer(self):
         """A stop signal while a peer is gone (a collective failed): no checkpoint can be written."""
         name = signal.Signals(self.signal).name
-        last = f"last checkpoint at step {self.saved}: rerun with --resume" if self.saved is not None else "no checkpoint yet"
+        last = f"last checkpoint at step {self.saved}: rerun with --resume" if self.saved is not None \
+            else "no checkpoint yet"
         print(f"stopped by {name} at step {self.steps}: another rank is gone, {last}", file=sys.stderr, flush=True)
         self._close(quiet=True)
         sys.exit(128 + self.signal)
@@ -1318,8 +1324,9 @@ class Run:
         if is_main():
             os.makedirs(self.args.out, exist_ok=True)
             model = unwrap(self.model)
-            atomic_save({"method": self.args.method, "args": vars(self.args), "epoch": self.steps // self.steps_per_epoch,
-                         "step": self.steps, "backbone": model.backbone.state_dict(), "model": model.state_dict(),
+            atomic_save({"method": self.args.method, "args": vars(self.args),
+                         "epoch": self.steps // self.steps_per_epoch, "step": self.steps,
+                         "backbone": model.backbone.state_dict(), "model": model.state_dict(),
                          "optimizer": self.optimizer.state_dict(), "rng": states, "state": self.state,
                          "probe": self.probe}, self.path)
         self.saved = self.steps
@@ -1339,7 +1346,8 @@ class Run:
             acc = quick_knn(lambda imgs: probe_features(backbone, imgs, self.probe), self.train, self.test,
                             next(backbone.parameters()).device)
             self.model.train()
-            self.write({"epoch": self.epoch + 1, "step": self.steps, "knn_top1": acc, "elapsed_s": time.time() - self.t0})
+            self.write({"epoch": self.epoch + 1, "step": self.steps, "knn_top1": acc,
+                        "elapsed_s": time.time() - self.t0})
             print(f"epoch {self.epoch + 1} knn top-1 {acc:.2f}", flush=True)
         if dist.is_initialized():
             dist.barrier()

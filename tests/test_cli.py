@@ -767,3 +767,30 @@ def test_channels_last_is_on_by_default_with_cuda_and_no_channels_last_turns_it_
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
         args = emp_ssl.resolve_args(emp_ssl.parse_args(TINY + flags + ["--out", str(tmp_path / "run")]))
         assert args.channels_last is want, (cuda, flags)
+
+
+# the loss function each method's loop calls, and how to make its loss non-finite
+NAN_LOSS = {"emp_ssl": ("emp_loss", lambda out: (out[0] * math.nan, *out[1:])),
+            "bag_ssl": ("global_loss", lambda out: {**out, "loss": out["loss"] * math.nan}),
+            "multiaug_ssl": ("barlow_loss", lambda out: (out[0] * math.nan, *out[1:])),
+            "npid_sqrtkl": ("instance_loss", lambda out: (out[0] * math.nan, *out[1:]))}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_non_finite_loss_exits_3_naming_its_step_and_keeps_the_checkpoint(method, tmp_path, capsys, monkeypatch):
+    import importlib
+    mod, calls = importlib.import_module(method), []
+    name, poison = NAN_LOSS[method]
+    real = getattr(mod, name)
+
+    def loss(*a, **k):  # the second step's loss is NaN
+        calls.append(1)
+        out = real(*a, **k)
+        return poison(out) if len(calls) == 2 else out
+    monkeypatch.setattr(mod, name, loss)
+    out = tmp_path / "run"
+    code, _, err = call(mod.main, OLD[method]["argv"] + ["--save-every", "1", "--max-steps", "3", "--workers", "0",
+                                                          "--out", str(out)], capsys)
+    assert code == 3 and err == [f"error: non-finite loss at step 2; stopping, last good checkpoint kept in {out}"], err
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
