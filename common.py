@@ -930,7 +930,8 @@ def base_parser(description, **defaults):
       help="continue the run in --out from its checkpoint.pt (starts fresh when there is none yet)")
     a("--seed", type=SEED, default=0)
     a("--workers", type=COUNT0, default=4, help="data loading workers (file-based data sets)")
-    a("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="autocast on CUDA (the CPU runs float32)")
+    a("--amp", default="bf16", choices=["bf16", "fp16", "off"],
+      help="autocast on CUDA (the CPU runs float32); fp16 is refused: it needs a gradient scaler, which these scripts lack")
     a("--channels-last", action=argparse.BooleanOptionalAction, default=None,
       help="channels_last memory format (default: on with CUDA, where it is the faster layout; --no-channels-last)")
     a("--compile", action="store_true", help="torch.compile the backbone")
@@ -954,6 +955,9 @@ def resolve_common(args, method):
     args.data_dir = args.data_dir or os.path.join("data", args.dataset)
     if args.out is None:
         args.out = os.path.join("runs", f"{method}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.amp == "fp16":
+        fail("--amp fp16 needs a gradient scaler, which these scripts do not have (its losses underflow "
+             "silently): use --amp bf16 (the default) or --amp off")
     if args.channels_last is None:  # on by default where it helps: CUDA (README, "What the paper recipes cost")
         args.channels_last = torch.cuda.is_available()
     ws = int(os.environ.get("WORLD_SIZE", "1"))
@@ -1005,7 +1009,7 @@ def load_train_set(args):
 
 
 def autocast(args, device):
-    """bf16/fp16 autocast on CUDA; a no-op context on the CPU."""
+    """bf16 autocast on CUDA (--amp); a no-op context on the CPU."""
     if device.type != "cuda" or args.amp == "off":
         return torch.autocast(device.type, enabled=False)
     return torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)

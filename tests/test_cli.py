@@ -794,3 +794,9 @@ def test_a_non_finite_loss_exits_3_naming_its_step_and_keeps_the_checkpoint(meth
     assert code == 3 and err == [f"error: non-finite loss at step 2; stopping, last good checkpoint kept in {out}"], err
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_amp_fp16_without_a_gradient_scaler_is_refused_in_one_line(tmp_path, capsys):
+    code, _, err = call(emp_ssl.main, TINY + ["--amp", "fp16", "--out", str(tmp_path / "run")], capsys)
+    one_error_line(code, err, "--amp fp16 needs a gradient scaler")
+    assert not (tmp_path / "run").exists()
