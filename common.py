@@ -1185,10 +1185,18 @@ class Run:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             fail(f"checkpoint '{self.path}' does not fit this model ({str(e).splitlines()[0][:100]})")
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)], self.gen)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.state.update(ckpt.get("state", {}))
         self.steps = self.saved = ckpt["step"]
+        if len(ckpt["rng"]) == world:
+            set_rng_state(ckpt["rng"][rank], self.gen)
+        else:  # another number of ranks: no rank's random state to take over; fresh ones, said
+            torch.manual_seed(self.args.seed * 1000003 + self.steps * 1009 + rank)
+            self.gen.manual_seed(self.args.seed * 1000 + rank + 7919 * (self.steps + 1))
+            if is_main():
+                print(f"the checkpoint was written by {len(ckpt['rng'])} ranks, this run has {world}: the random "
+                      f"state of every rank is seeded afresh from --seed, the step and the rank (the run goes on, "
+                      f"but does not repeat the draws of the same run resumed on {len(ckpt['rng'])} ranks)", flush=True)
         self.saved_args = ckpt.get("args", {})
         if is_main():
             print(f"resumed from {self.path} at step {self.steps}", flush=True)

@@ -800,3 +800,19 @@ def test_amp_fp16_without_a_gradient_scaler_is_refused_in_one_line(tmp_path, cap
     code, _, err = call(emp_ssl.main, TINY + ["--amp", "fp16", "--out", str(tmp_path / "run")], capsys)
     one_error_line(code, err, "--amp fp16 needs a gradient scaler")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_on_another_number_of_ranks_seeds_afresh_and_says_so(tmp_path, capsys):
+    """A checkpoint holds one random state per rank: resumed on another number of ranks, no rank takes
+    over another's state silently; each is seeded afresh from --seed, the step and the rank, and a line says so."""
+    import shutil
+    same, other = tmp_path / "same", tmp_path / "other"
+    emp_ssl.main(TINY + ["--max-steps", "1", "--out", str(same)])
+    shutil.copytree(same, other)
+    ckpt = torch.load(other / "checkpoint.pt", weights_only=True)
+    torch.save({**ckpt, "rng": ckpt["rng"] * 2}, other / "checkpoint.pt")  # as two ranks write it
+    for out in (same, other):
+        code, stdout, _ = call(emp_ssl.main, TINY + ["--max-steps", "2", "--resume", "--out", str(out)], capsys)
+        assert code == 0 and ("the checkpoint was written by 2 ranks, this run has 1" in stdout) == (out == other)
+    states = [torch.load(out / "checkpoint.pt", weights_only=True)["rng"][0]["gen"] for out in (same, other)]
+    assert not torch.equal(*states)  # the 1-rank resume carries the saved state on; the other does not
