@@ -287,7 +287,7 @@ def main(argv=None):
     if args.compile:
         net = torch.compile(net)
     augs = byol_augs(args)
-    warmup = min(args.warmup_epochs * run.steps_per_epoch, run.horizon // 2)  # App. C: 10 epochs; a smoke run keeps a decay
+    warmup = min(args.warmup_epochs * run.steps_per_epoch, run.horizon // 2)  # App. C: 10 epochs; short runs decay too
 
     for imgs, _, _ in run.batches():
         lr = common.cosine_lr(run.steps, run.horizon, args.lr, warmup)  # warm-up, then cosine to 0 (App. C)

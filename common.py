@@ -6,6 +6,7 @@ bag of features and k-NN), then data sets and loaders, then the command line and
 folder, resume, progress, checkpoints, probe). A method file and this file are a whole method.
 """
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -78,14 +79,20 @@ def sample_patches(images, n, size, out_size, generator=None):
     return x, boxes
 
 
+@functools.lru_cache(maxsize=None)
+def _log_ratio(ratio):
+    """log of the aspect-ratio range in float32, as torchvision's get_params takes it; once, on the host."""
+    return tuple(torch.log(torch.tensor(ratio)).tolist())
+
+
 def random_resized_boxes(n, h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None, device="cpu"):
     """Boxes (top, left, height, width) as torchvision's RandomResizedCrop.get_params draws them,
     vectorised: 10 tries per sample, then the same central-crop fallback."""
     area = h * w
     tries = 10
-    log_r = torch.log(torch.tensor(ratio, device=device))
+    log_r = _log_ratio(tuple(ratio))
     a = torch.empty(n, tries, device=device).uniform_(scale[0], scale[1], generator=generator) * area
-    r = torch.exp(torch.empty(n, tries, device=device).uniform_(log_r[0].item(), log_r[1].item(), generator=generator))
+    r = torch.exp(torch.empty(n, tries, device=device).uniform_(log_r[0], log_r[1], generator=generator))
     cw = torch.sqrt(a * r).round().long()
     chh = torch.sqrt(a / r).round().long()
     ok = (cw > 0) & (chh > 0) & (cw <= w) & (chh <= h)
@@ -250,33 +257,34 @@ def draw_aug_params(n, cfg, generator=None, device="cpu"):
 
 def blur_kernel_size(sigma, size):
     """Odd Gaussian kernel covering +-ceil(3 sigma) px (99.7 % of the mass), 2 ceil(3 sigma) + 1
-    taps, for the largest sigma of the samples blurred together; capped at the largest odd number
-    <= the image side (reflect padding needs pad < side). A fixed ~10 % of the side (VICReg's 23 px
-    at 224) gives 3 taps at 32 px, which blurs sigma 2 like sigma 0.8."""
+    taps, for the recipe's largest sigma (one size for every sample, known without looking at the
+    draws); capped at the largest odd number <= the image side (reflect padding needs pad < side).
+    A fixed ~10 % of the side (VICReg's 23 px at 224) gives 3 taps at 32 px, which blurs sigma 2
+    like sigma 0.8."""
     k = 2 * math.ceil(3 * float(sigma)) + 1
     return max(1, min(k, size - 1 + size % 2))
 
 
-def apply_augment(x, p):
-    """Apply drawn parameters to x [N,3,H,W] in [0,1]: flip, colour jitter in each sample's
-    random order, grayscale, blur, solarize. Ops run only on the samples that draw them."""
+def apply_augment(x, p, kernel_size, masked=None):
+    """Apply drawn parameters to x [N,3,H,W] in [0,1]: flip, colour jitter in each sample's random
+    order, grayscale, blur (kernel_size taps), solarize. masked (default: on CUDA): every op runs on
+    the whole batch and each sample keeps its own result, so nothing waits for the device (no
+    nonzero, no .item(), fixed shapes); else each op runs only on the samples that draw it (less
+    arithmetic, the better choice on a CPU). Both give the same result."""
+    masked = x.is_cuda if masked is None else masked
     x = torch.where(p["flip"].view(-1, 1, 1, 1), x.flip(-1), x)  # a new tensor: the ops below write into it
     factors = (p["brightness"], p["contrast"], p["saturation"], p["hue"])
-    for k in range(4):
-        for j, op in enumerate(JITTER_OPS):
-            idx = (p["jitter"] & (p["order"][:, k] == j)).nonzero().squeeze(1)
+    ops = [(p["jitter"] & (p["order"][:, k] == j), op, factors[j]) for k in range(4) for j, op in enumerate(JITTER_OPS)]
+    ops += [(p["gray"], lambda y, _: grayscale(y).expand(-1, 3, -1, -1), None),
+            (p["blur"], lambda y, s: gaussian_blur(y, s, kernel_size), p["sigma"]),
+            (p["solarize"], lambda y, _: solarize(y), None)]
+    for take, op, f in ops:
+        if masked:
+            x = torch.where(take.view(-1, 1, 1, 1), op(x, f), x)
+        else:
+            idx = take.nonzero().squeeze(1)
             if idx.numel():
-                x.index_copy_(0, idx, op(x[idx], factors[j][idx]))
-    idx = p["gray"].nonzero().squeeze(1)
-    if idx.numel():
-        x.index_copy_(0, idx, grayscale(x[idx]).expand(-1, 3, -1, -1))
-    idx = p["blur"].nonzero().squeeze(1)
-    if idx.numel():
-        sigma = p["sigma"][idx]  # one kernel size, from the largest sigma, serves the whole batch
-        x.index_copy_(0, idx, gaussian_blur(x[idx], sigma, blur_kernel_size(sigma.max().item(), x.shape[-1])))
-    idx = p["solarize"].nonzero().squeeze(1)
-    if idx.numel():
-        x.index_copy_(0, idx, solarize(x[idx]))
+                x.index_copy_(0, idx, op(x[idx], f[idx] if f is not None else None))
     return x
 
 
@@ -290,7 +298,8 @@ def augment(x, cfg, generator=None):
     """The whole per-sample augmentation then normalisation, on x's device, in x's dtype: an
     enclosing autocast (evaluation's --bag-augment) would run the blur convolution in bf16."""
     with torch.autocast(x.device.type, enabled=False):
-        return normalize(apply_augment(x, draw_aug_params(len(x), cfg, generator, x.device)), cfg.mean, cfg.std)
+        p = draw_aug_params(len(x), cfg, generator, x.device)
+        return normalize(apply_augment(x, p, blur_kernel_size(cfg.blur_sigma[1], x.shape[-1])), cfg.mean, cfg.std)
 
 # ---------------------------------------------------------------------------------------------
 # model
@@ -392,7 +401,8 @@ def init_distributed():
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        backend, attempt = "nccl" if device.type == "cuda" else "gloo", os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         if attempt != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             # a torchrun --max-restarts restart: the agent's store still holds the failed attempt's keys,
             # and a group built on them waits for peers that are gone (seen with gloo): a prefix per attempt
@@ -508,15 +518,16 @@ def central_view(images, out_size, mean, std, resize=True):
     return normalize(x, mean, std)
 
 
-def probe_info(arch, stem, out_size, mean, std, patch_size=None, proj=None, proj_bias=True, views=None):
+def probe_info(arch, stem, out_size, mean, std, patch_size=None, proj=None, proj_bias=True, views=None, aug=None):
     """What eval_linear.py needs to know about a run, saved in its checkpoint: the backbone (arch,
     stem), the input (side, normalisation), the default representation (a bag of patch_size
     patches for a method that trains on patches, else the whole image), the projector (for
-    --feature head1) and the method's own views (for --mode views: crop scale, ratio, augmentation)."""
+    --feature head1), the method's own views (for --mode views: crop scale, ratio, augmentation) and
+    patch augmentation (for --bag-augment)."""
     bias = [bool(b) for b in proj_bias] if isinstance(proj_bias, (list, tuple)) else bool(proj_bias)
     return {"arch": arch, "stem": stem, "out_size": out_size, "mean": list(mean), "std": list(std),
             "mode": "bag" if patch_size else "central", "patch_size": patch_size, "proj": proj,
-            "proj_bias": bias, "views": views}
+            "proj_bias": bias, "views": views, "aug": aug}
 
 
 @torch.no_grad()
@@ -882,7 +893,8 @@ class Number:
         if v < self.lo or (self.open_lo and v == self.lo):
             raise argparse.ArgumentTypeError(f"must be {self.says}, not {text}")
         if self.hi is not None and (v > self.hi or (self.open_hi and v == self.hi)):
-            raise argparse.ArgumentTypeError(f"must be {self.says if '[' in self.says or '(' in self.says else f'at most {self.hi}'}, not {text}")
+            says = self.says if self.says.startswith("in ") else f"at most {self.hi}"
+            raise argparse.ArgumentTypeError(f"must be {says}, not {text}")
         return v
 
 
@@ -908,7 +920,8 @@ def base_parser(description, **defaults):
     a("--schedule-epochs", type=COUNT, default=None,
       help="length of the learning-rate schedule in epochs (default: --epochs); --epochs 1 --schedule-epochs 30 "
            "runs the first epoch of a 30-epoch cosine")
-    a("--batch-size", type=COUNT, default=d["batch_size"], help=d.get("batch_help", "GLOBAL batch size (split over ranks)"))
+    a("--batch-size", type=COUNT, default=d["batch_size"],
+      help=d.get("batch_help", "GLOBAL batch size (split over ranks)"))
     a("--lr", type=POSITIVE, default=d["lr"], help=d.get("lr_help", "base learning rate"))
     a("--weight-decay", type=NONNEG, default=d["weight_decay"], help=d.get("wd_help", "weight decay"))
     a("--arch", default=d["arch"], choices=["resnet18", "resnet34", "resnet50"], help=d.get("arch_help", "backbone"))
@@ -917,8 +930,10 @@ def base_parser(description, **defaults):
       help="continue the run in --out from its checkpoint.pt (starts fresh when there is none yet)")
     a("--seed", type=SEED, default=0)
     a("--workers", type=COUNT0, default=4, help="data loading workers (file-based data sets)")
-    a("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="autocast on CUDA (the CPU runs float32)")
-    a("--channels-last", action="store_true", help="channels_last memory format (GPU speed)")
+    a("--amp", default="bf16", choices=["bf16", "fp16", "off"],
+      help="autocast on CUDA (the CPU runs float32); fp16 is refused: it needs a gradient scaler, which these scripts lack")
+    a("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+      help="channels_last memory format (default: on with CUDA, where it is the faster layout; --no-channels-last)")
     a("--compile", action="store_true", help="torch.compile the backbone")
     a("--subset", type=COUNT, default=None, help="train on the first N images of a fixed seeded permutation")
     a("--max-steps", type=COUNT, default=None, help="stop after K optimizer steps (schedules still span the run)")
@@ -940,6 +955,11 @@ def resolve_common(args, method):
     args.data_dir = args.data_dir or os.path.join("data", args.dataset)
     if args.out is None:
         args.out = os.path.join("runs", f"{method}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.amp == "fp16":
+        fail("--amp fp16 needs a gradient scaler, which these scripts do not have (its losses underflow "
+             "silently): use --amp bf16 (the default) or --amp off")
+    if args.channels_last is None:  # on by default where it helps: CUDA (README, "What the paper recipes cost")
+        args.channels_last = torch.cuda.is_available()
     ws = int(os.environ.get("WORLD_SIZE", "1"))
     if args.batch_size % ws:  # each flag's own range is its argparse type's (Number)
         fail(f"--batch-size {args.batch_size} does not split over {ws} ranks")
@@ -989,7 +1009,7 @@ def load_train_set(args):
 
 
 def autocast(args, device):
-    """bf16/fp16 autocast on CUDA; a no-op context on the CPU."""
+    """bf16 autocast on CUDA (--amp); a no-op context on the CPU."""
     if device.type != "cuda" or args.amp == "off":
         return torch.autocast(device.type, enabled=False)
     return torch.autocast("cuda", dtype=torch.bfloat16 if args.amp == "bf16" else torch.float16)
@@ -1123,9 +1143,11 @@ class Run:
         self.last = min(self.total, args.max_steps or self.total)  # the step this run stops at
         self.steps, self.saved, self.epoch, self.signal = 0, None, 0, 0
         self.device = next(model.parameters()).device
+        self.bad = torch.zeros((), dtype=torch.long, device=self.device)  # the first non-finite step, 0: none
         need, have = self.step_memory(), host_memory()
         if self.device.type == "cpu" and have and need > have:
-            fail(f"a step of {patches // world_size()} patches of {probe['out_size']} px needs about {need / 2**30:.1f} GiB "
+            fail(f"a step of {patches // world_size()} patches of {probe['out_size']} px needs about "
+                 f"{need / 2**30:.1f} GiB "
                  f"by estimate, this machine has {have / 2**30:.1f} GiB available: use fewer --patches, a smaller "
                  f"--batch-size or --out-size, or a GPU")
         Run.active = self
@@ -1135,6 +1157,9 @@ class Run:
         self.t_line, self.n_line = self.t0, 0
         if is_main():
             self._open_metrics()
+        self.host_group = None  # the stop signal's vote: over gloo, so that it needs nothing of the device
+        if dist.is_initialized():
+            self.host_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         self._handlers = {}
         if threading.current_thread() is threading.main_thread():
             for name in STOP_SIGNALS:
@@ -1160,10 +1185,18 @@ class Run:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             fail(f"checkpoint '{self.path}' does not fit this model ({str(e).splitlines()[0][:100]})")
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)], self.gen)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.state.update(ckpt.get("state", {}))
         self.steps = self.saved = ckpt["step"]
+        if len(ckpt["rng"]) == world:
+            set_rng_state(ckpt["rng"][rank], self.gen)
+        else:  # another number of ranks: no rank's random state to take over; fresh ones, said
+            torch.manual_seed(self.args.seed * 1000003 + self.steps * 1009 + rank)
+            self.gen.manual_seed(self.args.seed * 1000 + rank + 7919 * (self.steps + 1))
+            if is_main():
+                print(f"the checkpoint was written by {len(ckpt['rng'])} ranks, this run has {world}: the random "
+                      f"state of every rank is seeded afresh from --seed, the step and the rank (the run goes on, "
+                      f"but does not repeat the draws of the same run resumed on {len(ckpt['rng'])} ranks)", flush=True)
         self.saved_args = ckpt.get("args", {})
         if is_main():
             print(f"resumed from {self.path} at step {self.steps}", flush=True)
@@ -1214,27 +1247,30 @@ class Run:
         self._close()
 
     def step(self, terms, lr):
-        """After each optimizer step: stop on a non-finite loss, then count, log, checkpoint; stop
-        after it on SIGTERM / SIGUSR1. Every rank takes the same decision at the same step."""
-        loss = terms["loss"]
-        flags = torch.stack([(~torch.isfinite(loss)).any().float(), loss.new_tensor(float(self.signal))])
+        """After each optimizer step: count, log, checkpoint; stop after it on SIGTERM / SIGUSR1, and
+        on a non-finite loss before any later checkpoint or log line. Nothing here waits for the
+        device but a log line or a checkpoint: the first non-finite step is kept on the device, and
+        the ranks agree on a stop signal over the host (gloo)."""
+        s = self.steps + 1
+        finite = torch.isfinite(terms["loss"].detach()).all()
+        self.bad = torch.where(finite | (self.bad > 0), self.bad, s)
+        sig = self.signal
         if dist.is_initialized():
+            flag = torch.tensor([sig])
             try:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.host_group)
             except RuntimeError:
                 if self.signal:  # torchrun stops the survivors of a lost worker: no group left to save with
                     self.stopped_without_peer()
                 raise
-        bad, sig = flags.tolist()
-        if bad:
-            print(f"error: non-finite loss at step {self.steps + 1}; stopping, last good checkpoint kept in "
-                  f"{self.args.out}", file=sys.stderr, flush=True)
-            _close_group()
-            sys.exit(3)
-        self.steps += 1
+            sig = int(flag)
+        a = self.args
+        log = s % a.log_every == 0 or s == self.last or s == self.s0 + 1
+        if log or sig or s % a.save_every == 0:
+            self.stop_if_not_finite()
+        self.steps = s
         self.n_line += self.patches
-        a, s = self.args, self.steps
-        if is_main() and (s % a.log_every == 0 or s == self.last or s == self.s0 + 1):
+        if is_main() and log:
             now = time.time()
             rate = self.n_line / max(now - self.t_line, 1e-9)
             eta = (now - self.t0) / max(s - self.s0, 1) * (self.last - s)
@@ -1248,19 +1284,32 @@ class Run:
         if s % a.save_every == 0 or sig:
             self.save()
         if sig:
-            name = signal.Signals(int(sig)).name
+            name = signal.Signals(sig).name
             if is_main():
                 print(f"stopped by {name} at step {s}; checkpoint saved at step {s}: rerun with --resume",
                       file=sys.stderr, flush=True)
             self._close(quiet=True)
-            sys.exit(128 + int(sig))
+            sys.exit(128 + sig)
         if os.environ.get("EFFSSL_CRASH_AT_STEP") == str(s):  # test hook: die as a killed worker would
             os._exit(137)
+
+    def stop_if_not_finite(self):
+        """Exit 3 if a step's loss was not finite (on any rank), naming the first such step; the last
+        checkpoint, written before it, stays."""
+        bad = self.bad.clone()
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            print(f"error: non-finite loss at step {bad.item()}; stopping, last good checkpoint kept in "
+                  f"{self.args.out}", file=sys.stderr, flush=True)
+            _close_group()
+            sys.exit(3)
 
     def stopped_without_peer(self):
         """A stop signal while a peer is gone (a collective failed): no checkpoint can be written."""
         name = signal.Signals(self.signal).name
-        last = f"last checkpoint at step {self.saved}: rerun with --resume" if self.saved is not None else "no checkpoint yet"
+        last = f"last checkpoint at step {self.saved}: rerun with --resume" if self.saved is not None \
+            else "no checkpoint yet"
         print(f"stopped by {name} at step {self.steps}: another rank is gone, {last}", file=sys.stderr, flush=True)
         self._close(quiet=True)
         sys.exit(128 + self.signal)
@@ -1277,7 +1326,9 @@ class Run:
                 f"a smaller --batch-size per rank; the last checkpoint is untouched")
 
     def save(self):
-        """checkpoint.pt, written atomically by rank 0, with every rank's RNG state."""
+        """checkpoint.pt, written atomically by rank 0, with every rank's RNG state; never after a
+        non-finite loss."""
+        self.stop_if_not_finite()
         states = [rng_state(self.gen)]
         if dist.is_initialized() and dist.get_world_size() > 1:
             states = [None] * dist.get_world_size()
@@ -1285,8 +1336,9 @@ class Run:
         if is_main():
             os.makedirs(self.args.out, exist_ok=True)
             model = unwrap(self.model)
-            atomic_save({"method": self.args.method, "args": vars(self.args), "epoch": self.steps // self.steps_per_epoch,
-                         "step": self.steps, "backbone": model.backbone.state_dict(), "model": model.state_dict(),
+            atomic_save({"method": self.args.method, "args": vars(self.args),
+                         "epoch": self.steps // self.steps_per_epoch, "step": self.steps,
+                         "backbone": model.backbone.state_dict(), "model": model.state_dict(),
                          "optimizer": self.optimizer.state_dict(), "rng": states, "state": self.state,
                          "probe": self.probe}, self.path)
         self.saved = self.steps
@@ -1306,7 +1358,8 @@ class Run:
             acc = quick_knn(lambda imgs: probe_features(backbone, imgs, self.probe), self.train, self.test,
                             next(backbone.parameters()).device)
             self.model.train()
-            self.write({"epoch": self.epoch + 1, "step": self.steps, "knn_top1": acc, "elapsed_s": time.time() - self.t0})
+            self.write({"epoch": self.epoch + 1, "step": self.steps, "knn_top1": acc,
+                        "elapsed_s": time.time() - self.t0})
             print(f"epoch {self.epoch + 1} knn top-1 {acc:.2f}", flush=True)
         if dist.is_initialized():
             dist.barrier()

@@ -14,7 +14,7 @@ Paper: Tong, Chen, Ma, LeCun, "EMP-SSL: Towards Self-Supervised Learning in One 
   then the paper's probe, a 128-patch bag of backbone embeddings (Sec. 3):
     python eval_linear.py --ckpt runs/emp-t2 --mode bag --patches 128
 The paper recipe holds 200 x 100 = 20,000 patches a step: a GPU's work (README, "What the paper
-recipes cost"); there add --channels-last (measured speeds: docs/results.md).
+recipes cost"; measured speeds: docs/results.md).
 Multi-GPU (batch is global): torchrun --nproc_per_node=4 emp_ssl.py --dataset in100
 """
 import functools
@@ -81,6 +81,17 @@ def emp_loss(Z, eps2=0.2, lam=200.0):
     return loss, R.mean(), D.mean()
 
 
+# --- augmentation, A.1 ----------------------------------------------------------------------------
+
+
+def augmentation(args):
+    """The patches' augmentation (A.1, VICReg's): horizontal flip 0.5, ColorJitter(0.4, 0.4, 0.4, 0.2)
+    with p 0.8, grayscale 0.2, Gaussian blur 0.1 (sigma 0.1 to 2), solarization 0.1; normalised with
+    mean = std = 0.5 as the authors' code."""
+    return common.AugConfig(flip=0.5, jitter=(0.4, 0.4, 0.4, 0.2), p_jitter=0.8, p_gray=0.2, p_blur=0.1,
+                            blur_sigma=(0.1, 2.0), p_solarize=0.1, mean=args.norm_mean, std=args.norm_std)
+
+
 # --- model ----------------------------------------------------------------------------------
 
 
@@ -126,8 +137,9 @@ def rrc_views(img, n, out_size, scale, ratio, generator=None):
 
 
 def rrc_file_views(files, generator, n, out_size, scale=(0.25, 0.25), ratio=(3 / 4, 4 / 3)):
-    """--patch-sampler official on image files (common.epoch_batches `views`): n RandomResizedCrop views of each full-resolution image file, view-major
-    uint8 [n*b,3,out,out] (row i*b + j is view i of image j), as sample_patches orders patches.
+    """--patch-sampler official on image files (common.epoch_batches `views`): n RandomResizedCrop
+    views of each full-resolution image file, view-major uint8 [n*b,3,out,out] (row i*b + j is view i
+    of image j), as sample_patches orders patches.
     Defaults: the EMP-SSL authors' ImageNet crop (Tong, Chen, Ma, LeCun 2023, arXiv:2304.03977)."""
     per_image = [rrc_views(common.decode_image(f, None), n, out_size, scale, ratio, generator)[0] for f in files]
     return torch.stack(per_image, 1).flatten(0, 1)
@@ -161,13 +173,13 @@ def main(argv=None):
     optimizer = common.LARS(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, eta=args.eta)
     gen = common.make_generator(args.seed, rank, device)
     n, B = args.patches, args.batch_size
-    probe = common.probe_info(args.arch, args.stem, args.out_size, args.norm_mean, args.norm_std,
-                              patch_size=args.patch_size, proj=args.proj)  # the bag of features, Sec. 2
+    aug = augmentation(args)
+    probe = common.probe_info(args.arch, args.stem, args.out_size, args.norm_mean, args.norm_std,  # Sec. 2's bag
+                              patch_size=args.patch_size, proj=args.proj, aug=vars(aug))
     run = common.Run(args, model, optimizer, gen, train, probe, patches=n * B)
     net = common.wrap_ddp(model, device, not args.no_sync_bn)
     if args.compile:
         net = torch.compile(net)
-    aug = common.AugConfig(mean=args.norm_mean, std=args.norm_std)  # A.1: VICReg's augmentations
     # --patch-sampler official on image files: crops of the full-resolution image, cut in the workers
     views = functools.partial(rrc_file_views, n=n, out_size=args.out_size) \
         if args.patch_sampler == "official" and train.files is not None else None

@@ -202,7 +202,7 @@ def extract(args, embed, ds, device, info, name="", seed_offset=0):
     mean, std = info["mean"], info["std"]
     out_size = args.out_size or info["out_size"]
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    aug = common.AugConfig(mean=mean, std=std)
+    aug = common.AugConfig(**info["aug"]) if info.get("aug") else common.AugConfig(mean=mean, std=std)  # --bag-augment
     if args.mode == "bag":
         boxes = common.fixed_patch_boxes(args.patches, args.patch_size, ds.size, args.seed) \
             if args.positions == "fixed" else random_boxes(len(ds), args.patches, args.patch_size, ds.size,

@@ -81,6 +81,14 @@ def parse_args(argv=None):
     return resolve_defaults(p.parse_args(argv))
 
 
+def augmentation(args):
+    """Each view's augmentation, the authors' CIFAR / STL-10 pipelines (fastssl CifarTransformFFCV,
+    STLTransformFFCV): after the random resized crop (--scale), horizontal flip 0.5, ColorJitter(0.4,
+    0.4, 0.4, 0) with p 0.8, grayscale --p-gray; no blur, no solarization."""
+    return common.AugConfig(flip=0.5, jitter=(0.4, 0.4, 0.4, 0.0), p_jitter=0.8, p_gray=args.p_gray, p_blur=0.0,
+                            p_solarize=0.0, mean=args.norm_mean, std=args.norm_std)
+
+
 # the authors' STL-10 recipe (fastssl fastssl/data/cifar_transforms.py STLTransformFFCV: 64 px random
 # resized crops of scale (0.2, 1), grayscale 0.1; batch 100 in multiPatch_barlowTwins_stl10_results.sh and
 # _fracTrain_stl10_results.sh; their CIFAR scripts' untaken "stl10 -> batch 64" branch is not what ran)
@@ -257,9 +265,7 @@ def main(argv=None):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)  # App. D
     gen = common.make_generator(args.seed, rank, device)
     M, B = args.views, args.batch_size
-    # the authors' CIFAR / STL-10 views: crop + flip + jitter 0.4/0.4/0.4 (hue 0) p=0.8 + grayscale --p-gray
-    aug = common.AugConfig(jitter=(0.4, 0.4, 0.4, 0.0), p_gray=args.p_gray, p_blur=0.0, p_solarize=0.0,
-                           mean=args.norm_mean, std=args.norm_std)
+    aug = augmentation(args)
     views = {"scale": list(args.scale), "ratio": [3 / 4, 4 / 3], "aug": vars(aug)}  # eval_linear --mode views
     probe = common.probe_info(args.arch, args.stem, args.out_size, args.norm_mean, args.norm_std,
                               proj=f"{args.pdim}-{args.pdim}", proj_bias=PROJ_BIAS, views=views)

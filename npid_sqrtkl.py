@@ -227,6 +227,14 @@ def random_bank(n, dim, seed):
     return torch.rand(n, dim, generator=torch.Generator().manual_seed(seed)) * 2 * stdv - stdv
 
 
+def augmentation(args):
+    """The crop's augmentation: --flip, ColorJitter(--jitter) with --p-jitter, grayscale --p-gray; no
+    blur, no solarization (NPID's CIFAR code: the crop of scale (0.2, 1), ColorJitter(0.4, 0.4, 0.4,
+    0.4) always, grayscale 0.2, no flip)."""
+    return common.AugConfig(flip=args.flip, jitter=tuple(args.jitter), p_jitter=args.p_jitter, p_gray=args.p_gray,
+                            p_blur=0.0, p_solarize=0.0, mean=args.norm_mean, std=args.norm_std)
+
+
 # --- model --------------------------------------------------------------------------------------------
 
 
@@ -271,9 +279,7 @@ def main(argv=None):
     net = common.wrap_ddp(model, device, not args.no_sync_bn)
     if args.compile:
         net = torch.compile(net)
-    # NPID's CIFAR augmentation (--jitter, --p-jitter, --p-gray, --flip): crop scale (0.2, 1), no blur or solarization
-    aug = common.AugConfig(flip=args.flip, jitter=tuple(args.jitter), p_jitter=args.p_jitter, p_gray=args.p_gray,
-                           p_blur=0.0, p_solarize=0.0, mean=args.norm_mean, std=args.norm_std)
+    aug = augmentation(args)  # after the crop of scale (0.2, 1)
 
     for imgs, _, idx in run.batches():
         lr = common.cosine_lr(run.steps, run.horizon, args.lr)  # cosine decay (Sec. 4.1)

@@ -6,21 +6,30 @@ In one call, on the same patch tensor:
   - the ceiling: ResNet-18 forward + backward alone in bf16 + channels_last on those patches;
   - the patch pipeline alone (sample_patches + augment) on the GPU;
   - peak memory and throughput of a step at 20 and 200 patches, with and without
-    --grad-checkpoint, and the 50,000-image CIFAR-10 epoch time that throughput gives.
+    --grad-checkpoint, and the 50,000-image CIFAR-10 epoch time that throughput gives;
+  - --pipeline-rows: for EMP-SSL at 20 and 200 patches, BagSSL's and multiaug's views, side by side
+    in one call, the training step alone (on views made once), the view pipeline alone (sampling +
+    augmentation), the training step with the pipeline, their ratio (the target: 0.9 or more), and
+    the host-device syncs torch.cuda.set_sync_debug_mode counts in one step with the pipeline.
 
-    python bench/gpu.py [--compile] [--device cpu --patches 2 --batch-size 8 --iters 2]  # cpu: smoke run
+    python bench/gpu.py [--compile] [--compile-pipeline]
+    python bench/gpu.py --smoke                                           # every row at toy size (CPU too)
     python bench/gpu.py --configs bf16+channels_last+compile --memory-patches ""       # compile alone
 """
 import argparse
 import os
 import sys
 import time
+import types
+import warnings
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+import bag_ssl  # noqa: E402
 import emp_ssl  # noqa: E402
+import multiaug_ssl  # noqa: E402
 
 
 def sync(device):
@@ -50,13 +59,20 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--memory-patches", default="20,200", help="comma list; empty: no memory rows")
     p.add_argument("--memory-iters", type=int, default=3, help="timed steps of each memory row (after one)")
+    p.add_argument("--pipeline-rows", default="emp20,emp200,bag,multiaug", help="comma list; empty: none")
+    p.add_argument("--compile-pipeline", action="store_true", help="torch.compile the view pipeline too")
+    p.add_argument("--smoke", action="store_true", help="every row at toy size, 1 iteration (a CPU can run it)")
     args = p.parse_args()
+    if args.smoke:
+        args.patches, args.batch_size, args.iters, args.configs, args.memory_patches = 2, 4, 1, "fp32", "2"
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, {args.patches} patches x batch {args.batch_size}", flush=True)
     torch.backends.cudnn.benchmark = True
     n, B = args.patches, args.batch_size
-    imgs = common.synthetic_set("train").images[:B].to(device)
+    imgs = common.synthetic_set("train").images[:max(B, 1024)].to(device)
+    pipeline_rows(args, imgs, device)
+    imgs = imgs[:B]
     gen = common.make_generator(0, 0, device)
     aug = common.AugConfig()
 
@@ -146,6 +162,81 @@ def main():
                 except torch.cuda.OutOfMemoryError:
                     print(f"peak memory {m} patches x {B}, grad-checkpoint {gc}: out of memory")
                 model = opt = xm = None
+
+
+def pipeline_rows(args, imgs, device):
+    """Each method's step alone, its view pipeline alone and the step with the pipeline, side by side."""
+    cl = device.type == "cuda"
+    for row in [r for r in args.pipeline_rows.split(",") if r]:
+        gen = common.make_generator(0, 0, device)
+        if row.startswith("emp"):  # EMP-SSL: n patches of 16 px -> 32, VICReg's augmentations, batch 100
+            n, B = (2, args.batch_size) if args.smoke else (int(row[3:]), 100)
+            model, aug = emp_ssl.EMPNet("resnet18", "cifar", "4096-512"), common.AugConfig()
+
+            def views():
+                return common.augment(common.sample_patches(imgs[:B], n, 16, 32, gen)[0], aug, gen)
+
+            def loss_of(z):
+                return emp_ssl.emp_loss(z.float().reshape(n, B, -1))[0]
+        elif row == "bag":  # BagSSL: 2 patches of 14 px -> 32, BYOL's augmentations per view, VICReg, batch 1024
+            n, B = 2, args.batch_size if args.smoke else 1024
+            a = types.SimpleNamespace(loss="vicreg", sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, blur=False,
+                                      norm_mean=[0.5] * 3, norm_std=[0.25] * 3)
+            model, augs = bag_ssl.BagNet("resnet18", "cifar", "4096-128"), bag_ssl.byol_augs(a)
+
+            def views():
+                return bag_ssl.augment_views(common.sample_patches(imgs[:B], n, 14, 32, gen)[0], n, augs, gen)
+
+            def loss_of(z):
+                return bag_ssl.bag_loss(z.float().reshape(n, B, -1), None, a)["loss"]
+        elif row == "multiaug":  # 4 random resized crops at 32 px, the authors' CIFAR augmentation, batch 128
+            n, B = (2, args.batch_size) if args.smoke else (4, 128)
+            model = multiaug_ssl.MultiViewNet("resnet18", "cifar", 256)
+            aug = common.AugConfig(jitter=(0.4, 0.4, 0.4, 0.0), p_blur=0.0, p_solarize=0.0)
+
+            def views():
+                return common.augment(common.sample_views(imgs[:B], n, 32, (0.08, 1.0), generator=gen)[0], aug, gen)
+
+            def loss_of(z):
+                return multiaug_ssl.barlow_loss(z.float().reshape(n, B, -1), 0.01)[0]
+        else:
+            print(f"pipeline row {row}: unknown (emp<N>, bag, multiaug)", flush=True)
+            continue
+        model = model.to(device).to(memory_format=torch.channels_last) if cl else model.to(device)
+        opt = common.LARS(model.parameters(), lr=0.1, weight_decay=1e-4)
+        make = torch.compile(views) if args.compile_pipeline else views
+
+        def step(x):
+            x = x.contiguous(memory_format=torch.channels_last) if cl else x
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cl):
+                z = model(x)
+            loss = loss_of(z)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        try:
+            x0 = make()
+            t_step = timed(lambda: step(x0), args.iters, device)
+            t_pipe = timed(make, args.iters, device)
+            t_both = timed(lambda: step(make()), args.iters, device)
+            syncs = "n/a (CPU)"
+            if device.type == "cuda":
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode("warn")
+                    step(make())
+                    torch.cuda.set_sync_debug_mode("default")
+                found = [str(w.message).splitlines()[0][:80] for w in caught if "synchron" in str(w.message)]
+                syncs = f"{len(found)}" + (f" (first: {found[0]})" if found else "")
+        except torch.cuda.OutOfMemoryError:
+            print(f"pipeline row {row}: out of memory", flush=True)
+            continue
+        P = n * B
+        print(f"pipeline row {row:<9} {n} views x {B}: step alone {P / t_step:10,.0f} patches/s, pipeline alone "
+              f"{P / t_pipe:10,.0f}, step with pipeline {P / t_both:10,.0f}; with / alone = {t_step / t_both:.2f}; "
+              f"syncs in a step with the pipeline: {syncs}", flush=True)
+        model = opt = x0 = None
 
 
 if __name__ == "__main__":

@@ -363,3 +363,13 @@ def test_short_run_beats_random_init_under_the_bag_knn_probe(tmp_path, loss, ran
     assert r.returncode == 0, r.stderr
     acc = eval_result(tmp_path / "trained")["knn"]["k20"]
     assert acc > random_bag_knn + 5, (acc, random_bag_knn)
+
+
+@pytest.mark.parametrize("dataset,blur", [("cifar10", False), ("stl10", True)])
+def test_byol_views_are_the_papers_recipe(dataset, blur, tmp_path):
+    """BYOL's asymmetric views (Grill et al. 2020, Table 6): flip 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8,
+    grayscale 0.2 on both; blur 1.0 / 0.1 and solarization 0 / 0.2 on views 1 / 2; no blur on 32 px images."""
+    from recipe_util import assert_recipe
+    v1, v2 = bag_ssl.byol_augs(bag_ssl.resolve_args(["--dataset", dataset, "--out", str(tmp_path / "run")]))
+    assert_recipe(v1, 0.5, (0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 1.0 if blur else 0.0, 0.0)
+    assert_recipe(v2, 0.5, (0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 0.1 if blur else 0.0, 0.2)

@@ -484,16 +484,29 @@ def test_a_checkpoint_of_the_old_format_resumes_and_probes_as_the_new_one(method
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_a_method_file_and_common_py_alone_train_a_run(method, tmp_path):
-    """Forking a method is two files: copied alone into an empty folder, they train and checkpoint."""
+def test_a_method_file_imports_nothing_of_the_project_but_common(method):
+    """Forking a method is two files: a method file imports the standard library, torch, numpy and
+    common.py, nothing else of this repository (read from its syntax tree)."""
+    import ast
+    tree = ast.parse(open(os.path.join(ROOT, f"{method}.py")).read())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    ours = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")} | {"tools", "bench", "tests"}
+    assert names & ours == {"common"}, names
+    assert names - ours <= {"torch", "numpy", "torchvision", *sys.stdlib_module_names}, names - ours
+
+
+def test_emp_ssl_py_and_common_py_alone_train_a_run(tmp_path):
+    """Forking a method is two files: emp_ssl.py and common.py, copied alone into an empty folder, train
+    and checkpoint (the other methods' imports are held by the test above)."""
     import shutil
-    for f in (f"{method}.py", "common.py"):
+    for f in ("emp_ssl.py", "common.py"):
         shutil.copy(os.path.join(ROOT, f), tmp_path / f)
-    r = subprocess.run([sys.executable, f"{method}.py", *OLD[method]["argv"], "--max-steps", "2", "--out", "run",
+    r = subprocess.run([sys.executable, "emp_ssl.py", *OLD["emp_ssl"]["argv"], "--max-steps", "2", "--out", "run",
                         "--workers", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""})
     assert r.returncode == 0, r.stderr[-2000:]
-    assert set(os.listdir(tmp_path)) - {"__pycache__"} == {"common.py", f"{method}.py", "run"}
+    assert set(os.listdir(tmp_path)) - {"__pycache__"} == {"common.py", "emp_ssl.py", "run"}
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
@@ -592,16 +605,15 @@ def _stop(p, sig, to_worker, after):
 
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_sigterm_saves_the_step_in_progress_and_the_resumed_run_equals_the_unstopped_one(ranks, tmp_path):
-    """One process: SIGTERM. Two gloo workers: SIGUSR1 to ONE of them (SLURM's --signal), then, after a
-    resume, SIGTERM to torchrun, which passes it on to its workers. Every rank ends the same step, rank 0
-    saves it, one line names it, exit 128 + the signal; the resumed run's losses are those of the run
-    never stopped, bit for bit, each step once in metrics.jsonl."""
+    """One process: SIGTERM. Two gloo workers: SIGUSR1 to ONE of them (SLURM's --signal). Every rank ends
+    the same step, rank 0 saves it, one line names it, exit 128 + the signal; the resumed run's losses are
+    those of the run never stopped, bit for bit, each step once in metrics.jsonl."""
     flags = [*TINY, "--epochs", "4", "--save-every", "100"]  # 16 steps; no checkpoint but the signal's
     cmd = (TORCHRUN if ranks == 2 else [sys.executable]) + ["emp_ssl.py", *flags]
     ref = _start(cmd, tmp_path / "ref")
     ref.communicate(timeout=300)
     assert ref.returncode == 0
-    stops = [(signal.SIGTERM, False)] if ranks == 1 else [(signal.SIGUSR1, True), (signal.SIGTERM, False)]
+    stops = [(signal.SIGTERM, False)] if ranks == 1 else [(signal.SIGUSR1, True)]
     step = 2
     for k, (sig, to_worker) in enumerate(stops):
         p = _start(cmd + ["--resume"] * k, tmp_path / "run")
@@ -609,10 +621,8 @@ def test_sigterm_saves_the_step_in_progress_and_the_resumed_run_equals_the_unsto
         assert last < step < 16 and torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == step
         if ranks == 1:
             assert p.returncode == 128 + sig, err[-2000:]
-        elif to_worker:
-            assert len(re.findall(rf"exitcode\s*:\s*{128 + sig}", err)) == 2, err[-2000:]  # torchrun's report
-        else:
-            assert p.returncode != 0
+        else:  # torchrun's report: both workers stopped so
+            assert len(re.findall(rf"exitcode\s*:\s*{128 + sig}", err)) == 2, err[-2000:]
     r = _start(cmd + ["--resume"], tmp_path / "run")
     _, err = r.communicate(timeout=300)
     assert r.returncode == 0, err[-2000:]
@@ -735,3 +745,84 @@ def test_knn_k_outside_one_to_the_probes_training_images_is_one_line(k, tmp_path
                         capsys)
     one_error_line(code, err, "--knn-k")
     assert not out.exists()
+
+
+def test_a_step_between_log_lines_and_checkpoints_never_waits_for_the_device(tmp_path, monkeypatch):
+    """Run.step keeps the first non-finite step on the device and looks at it only where the run must
+    know it (a log line, a checkpoint, a stop): the steps in between call nothing that makes the host
+    wait for the device (on a GPU: no sync), so the next step's work is queued while this one runs."""
+    waits = {"nonzero", "item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"}
+    seen = {}
+
+    class Calls(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.setdefault(self.step, set()).add(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+    real = common.Run.step
+
+    def step(run, terms, lr):
+        mode = Calls()
+        mode.step = run.steps + 1
+        with mode:
+            return real(run, terms, lr)
+    monkeypatch.setattr(common.Run, "step", step)
+    emp_ssl.main(TINY + ["--epochs", "2", "--max-steps", "6", "--log-every", "4", "--out", str(tmp_path / "run")])
+    assert sorted(seen) == [1, 2, 3, 4, 5, 6]
+    assert [s for s in seen if seen[s] & waits] == [1, 4, 6]  # the first, every 4th and the last log
+
+
+def test_channels_last_is_on_by_default_with_cuda_and_no_channels_last_turns_it_off(tmp_path, monkeypatch):
+    for cuda, flags, want in ((True, [], True), (True, ["--no-channels-last"], False), (False, [], False),
+                              (False, ["--channels-last"], True)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        args = emp_ssl.resolve_args(emp_ssl.parse_args(TINY + flags + ["--out", str(tmp_path / "run")]))
+        assert args.channels_last is want, (cuda, flags)
+
+
+# the loss function each method's loop calls, and how to make its loss non-finite
+NAN_LOSS = {"emp_ssl": ("emp_loss", lambda out: (out[0] * math.nan, *out[1:])),
+            "bag_ssl": ("global_loss", lambda out: {**out, "loss": out["loss"] * math.nan}),
+            "multiaug_ssl": ("barlow_loss", lambda out: (out[0] * math.nan, *out[1:])),
+            "npid_sqrtkl": ("instance_loss", lambda out: (out[0] * math.nan, *out[1:]))}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_non_finite_loss_exits_3_naming_its_step_and_keeps_the_checkpoint(method, tmp_path, capsys, monkeypatch):
+    import importlib
+    mod, calls = importlib.import_module(method), []
+    name, poison = NAN_LOSS[method]
+    real = getattr(mod, name)
+
+    def loss(*a, **k):  # the second step's loss is NaN
+        calls.append(1)
+        out = real(*a, **k)
+        return poison(out) if len(calls) == 2 else out
+    monkeypatch.setattr(mod, name, loss)
+    out = tmp_path / "run"
+    code, _, err = call(mod.main, OLD[method]["argv"] + ["--save-every", "1", "--max-steps", "3", "--workers", "0",
+                                                          "--out", str(out)], capsys)
+    assert code == 3 and err == [f"error: non-finite loss at step 2; stopping, last good checkpoint kept in {out}"], err
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_amp_fp16_without_a_gradient_scaler_is_refused_in_one_line(tmp_path, capsys):
+    code, _, err = call(emp_ssl.main, TINY + ["--amp", "fp16", "--out", str(tmp_path / "run")], capsys)
+    one_error_line(code, err, "--amp fp16 needs a gradient scaler")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_on_another_number_of_ranks_seeds_afresh_and_says_so(tmp_path, capsys):
+    """A checkpoint holds one random state per rank: resumed on another number of ranks, no rank takes
+    over another's state silently; each is seeded afresh from --seed, the step and the rank, and a line says so."""
+    import shutil
+    same, other = tmp_path / "same", tmp_path / "other"
+    emp_ssl.main(TINY + ["--max-steps", "1", "--out", str(same)])
+    shutil.copytree(same, other)
+    ckpt = torch.load(other / "checkpoint.pt", weights_only=True)
+    torch.save({**ckpt, "rng": ckpt["rng"] * 2}, other / "checkpoint.pt")  # as two ranks write it
+    for out in (same, other):
+        code, stdout, _ = call(emp_ssl.main, TINY + ["--max-steps", "2", "--resume", "--out", str(out)], capsys)
+        assert code == 0 and ("the checkpoint was written by 2 ranks, this run has 1" in stdout) == (out == other)
+    states = [torch.load(out / "checkpoint.pt", weights_only=True)["rng"][0]["gen"] for out in (same, other)]
+    assert not torch.equal(*states)  # the 1-rank resume carries the saved state on; the other does not

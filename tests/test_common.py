@@ -69,7 +69,7 @@ def test_grayscale_flip_solarize_equal_torchvision():
              brightness=torch.ones(6), contrast=torch.ones(6), saturation=torch.ones(6), hue=torch.zeros(6),
              gray=torch.zeros(6, dtype=torch.bool), blur=torch.zeros(6, dtype=torch.bool), sigma=torch.ones(6),
              solarize=torch.zeros(6, dtype=torch.bool))
-    y = common.apply_augment(x, p)
+    y = common.apply_augment(x, p, 13)
     for b in range(6):
         close(y[b], TF.hflip(x[b]) if p["flip"][b] else x[b], 0)
 
@@ -152,8 +152,8 @@ def torchvision_composition(img, p, b):
             img = ops[j](img)
     if p["gray"][b]:
         img = TF.rgb_to_grayscale(img, num_output_channels=3)
-    if p["blur"][b]:  # apply_augment's one kernel size: from the largest sigma among the blurred samples
-        k = common.blur_kernel_size(p["sigma"][p["blur"]].max(), img.shape[-1])
+    if p["blur"][b]:  # augment's one kernel size: from the recipe's largest sigma (2.0: 13 taps)
+        k = common.blur_kernel_size(2.0, img.shape[-1])
         img = TF.gaussian_blur(img, [k, k], [float(common.matched_sigma(p["sigma"][b:b + 1], k))] * 2)
     if p["solarize"][b]:
         img = TF.solarize(img, 0.5)
@@ -168,9 +168,10 @@ def test_apply_augment_equals_torchvision_composition_in_each_samples_order():
     p = common.draw_aug_params(n, cfg, torch.Generator().manual_seed(4))
     for key in ("flip", "jitter", "gray", "blur", "solarize"):
         assert 0 < p[key].sum() < n, key
-    y = common.apply_augment(x, p)
-    for b in range(n):
-        close(y[b], torchvision_composition(x[b], p, b))
+    for masked in (False, True):  # each op on the samples that draw it; every op on all, masked
+        y = common.apply_augment(x, p, 13, masked=masked)
+        for b in range(n):
+            close(y[b], torchvision_composition(x[b], p, b))
     # augment = apply_augment then normalisation with the config's mean and std
     cfg = common.AugConfig(mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
     z = common.augment(x, cfg, torch.Generator().manual_seed(5))
@@ -701,3 +702,39 @@ def test_augment_under_autocast_equals_float32():
         y = common.augment(x, cfg, torch.Generator().manual_seed(3))
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, ref)
+
+
+# what a training step's view pipeline calls: nothing that makes the host wait for the device
+WAITS = {"nonzero", "item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"}
+
+
+class Calls(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.add(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cfg", [common.AugConfig(p_blur=0.5, p_solarize=0.5),
+                                 common.AugConfig(jitter=(0.4, 0.4, 0.2, 0.1), p_blur=1.0, p_solarize=0.0),
+                                 common.AugConfig(jitter=(0.4, 0.4, 0.4, 0.0), p_blur=0.0, p_solarize=0.0)])
+def test_masked_pipeline_equals_the_indexed_one_and_never_waits_for_the_device(cfg):
+    """The masked pipeline (the default on CUDA: no nonzero, .item() or data-dependent shape) gives the
+    indexed one's result exactly, for the same drawn parameters (EMP-SSL's, BYOL's first view, the
+    multi-view paper's); patches, views and their augmentation call no op that waits for the device."""
+    imgs = common.synthetic_set("test", n=64).images
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    a = common.apply_augment(common.sample_patches(imgs, 3, 16, 32, g1)[0],
+                             common.draw_aug_params(192, cfg, g1), 13, masked=False)
+    common.sample_views(imgs, 2, 32, (0.08, 1.0), generator=g1)  # the first call takes log(ratio) on the host
+    calls = Calls()
+    with calls:
+        x, _ = common.sample_patches(imgs, 3, 16, 32, g2)
+        b = common.apply_augment(x, common.draw_aug_params(192, cfg, g2), 13, masked=True)
+        v, _ = common.sample_views(imgs, 2, 32, (0.08, 1.0), generator=g2)
+        common.apply_augment(v, common.draw_aug_params(128, cfg, g2), 13, masked=True)
+    assert torch.equal(a, b)
+    assert "where" in calls.names and not calls.names & WAITS, calls.names & WAITS

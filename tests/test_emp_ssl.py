@@ -483,3 +483,13 @@ def test_short_run_beats_random_init_knn(trained):
     acc = eval_result(out)["knn"]["k20"]  # written beside the checkpoint
     acc_rnd = eval_result(out / "random")["knn"]["k20"]
     assert acc > acc_rnd + MARGIN, (acc, acc_rnd)
+
+
+def test_augmentation_is_the_papers_a1_recipe(tmp_path):
+    """EMP-SSL A.1 (VICReg's): flip 0.5, ColorJitter(0.4, 0.4, 0.4, 0.2) p 0.8, grayscale 0.2, blur 0.1
+    (sigma 0.1-2), solarization 0.1; normalisation 0.5 / 0.5 (the authors' code)."""
+    from recipe_util import assert_recipe
+    args = emp_ssl.resolve_args(emp_ssl.parse_args(["--out", str(tmp_path / "run")]))
+    cfg = emp_ssl.augmentation(args)
+    assert_recipe(cfg, 0.5, (0.4, 0.4, 0.4, 0.2), 0.8, 0.2, 0.1, 0.1)
+    assert list(cfg.mean) == list(cfg.std) == [0.5, 0.5, 0.5]

@@ -402,3 +402,14 @@ def test_short_run_beats_random_init_under_the_same_central_knn_probe(tmp_path):
     eval_linear.main(["--ckpt", str(tmp_path / "run" / "checkpoint.pt"), *PROBE, "--out", str(tmp_path / "trained")])
     acc = {k: eval_result(tmp_path / k)["knn"]["k20"] for k in ("trained", "random")}
     assert acc["trained"] > acc["random"] + MARGIN, acc
+
+
+@pytest.mark.parametrize("dataset,p_gray,scale", [("cifar10", 0.2, (0.08, 1.0)), ("stl10", 0.1, (0.2, 1.0))])
+def test_views_are_the_authors_recipe(dataset, p_gray, scale):
+    """The authors' CIFAR / STL-10 pipelines: crop of scale (0.08, 1) / (0.2, 1), flip 0.5, ColorJitter(0.4,
+    0.4, 0.4, 0) p 0.8, grayscale 0.2 / 0.1, no blur, no solarization."""
+    from recipe_util import assert_recipe
+    args = ma.parse_args(["--dataset", dataset])
+    args.norm_mean, args.norm_std = (list(s) for s in common.data_stats(dataset))
+    assert tuple(args.scale) == scale
+    assert_recipe(ma.augmentation(args), 0.5, (0.4, 0.4, 0.4, 0.0), 0.8, p_gray, 0.0, 0.0)

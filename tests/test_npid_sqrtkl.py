@@ -401,3 +401,15 @@ def test_short_run_beats_random_init_under_the_same_central_knn_probe(tmp_path):
     eval_linear.main(["--ckpt", str(tmp_path / "run" / "checkpoint.pt"), *PROBE, "--out", str(tmp_path / "trained")])
     acc = {k: eval_result(tmp_path / k)["knn"]["k20"] for k in ("trained", "random")}
     assert acc["trained"] > acc["random"] + MARGIN, acc
+
+
+def test_augmentation_defaults_hold_their_stated_values():
+    """The crop's augmentation by default: brightness / contrast 0.4 at p 0.8, grayscale 0.2, no flip, no
+    blur or solarization (NPID's CIFAR code: ColorJitter(0.4, 0.4, 0.4, 0.4) always, grayscale 0.2, no flip)."""
+    from recipe_util import assert_recipe
+    args = npid.parse_args([])
+    args.norm_mean, args.norm_std = (list(s) for s in common.data_stats("cifar10"))
+    assert_recipe(npid.augmentation(args), 0.0, (0.4, 0.4, 0.0, 0.0), 0.8, 0.2, 0.0, 0.0)
+    nps = npid.parse_args(["--jitter", "0.4", "0.4", "0.4", "0.4", "--p-jitter", "1"])
+    nps.norm_mean, nps.norm_std = args.norm_mean, args.norm_std
+    assert_recipe(npid.augmentation(nps), 0.0, (0.4, 0.4, 0.4, 0.4), 1.0, 0.2, 0.0, 0.0)

@@ -47,3 +47,15 @@ def test_unknown_stage_is_one_error_line_and_exit_2(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --only names no stage 'tabel1'"), r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_gpu_bench_smoke_runs_every_row_on_the_cpu():
+    """bench/gpu.py --smoke: every section at toy size, so that a GPU session spends its minutes measuring."""
+    import re
+    import sys
+    r = subprocess.run([sys.executable, "bench/gpu.py", "--smoke", "--device", "cpu"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = re.findall(r"pipeline row (\w+) .*step alone +([\d,]+) patches/s.*with / alone = ([\d.]+)", r.stdout)
+    assert [row[0] for row in rows] == ["emp20", "emp200", "bag", "multiaug"], r.stdout
+    assert all(float(row[2]) > 0 for row in rows) and "fp32 step / ceiling" in r.stdout
