@@ -16,6 +16,8 @@
 #   compile      bench/gpu.py with torch.compile, beside the ceiling
 #   t1           emp_ssl.py --epochs 1 --patches 200 (Table 1: 85.1 %; --grad-checkpoint on a GPU
 #                under 70 GiB), t1-eval, t1-head1
+#   pipe-rows    bench/gpu.py: EMP-SSL (20, 200 patches), BagSSL and multiaug steps alone, their view
+#                pipelines alone, the steps with the pipelines, the ratio and the syncs in a step
 #   bag, multiaug, npid   one epoch of each other method at its paper recipe, and its probe
 # Each stage writes OUT/<stage>.log and, when it ends well, OUT/<stage>.done; --resume skips the
 # done ones (a training stage whose run folder holds a checkpoint resumes from it). --budget S
@@ -36,7 +38,7 @@ while [ $# -gt 0 ]; do
     --only) ONLY=",$2,"; shift 2;;
     --pack) PACK=$2; shift 2;;  # after each stage, tar OUT's logs and results (no checkpoints) here
     --smoke) SMOKE=1; shift;;  # every stage at toy size (a CPU check of this script)
-    -h|--help) sed -n '2,27p' "$0"; exit 0;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0;;
     *) echo "error: unknown argument $1 (see --help)" >&2; exit 2;;
   esac
 done
@@ -98,13 +100,13 @@ TR="" TRE="" EV="" SG="" SP=""  # --smoke: toy sizes (the last of a repeated fla
 if [ $SMOKE = 1 ]; then
   TR="--max-steps 2 --subset 200 --batch-size 20 --workers 0" TRE="--patches 2"
   EV="--subset 200 --test-subset 100 --linear-epochs 1 --batch-size 50 --workers 0 --patches 4"
-  SG="--device cpu --patches 2 --batch-size 8 --iters 1 --memory-iters 1"
+  SG="--device cpu --smoke"
   SP="--device cpu --images 16 --batch-size 8 --patches 2 --step-batch 2 --steps 1 --workers 1"
 fi
 EMP="$PY emp_ssl.py $D --channels-last"
 EVAL="$PY eval_linear.py --ckpt"
 BAG128="--mode bag --patches 128 --probe linear,knn --knn-k 20,200"
-stage speed 60 $PY bench/gpu.py --iters 20 $SG
+stage speed 60 $PY bench/gpu.py --iters 20 --pipeline-rows "" $SG
 stage t2 90 $EMP --epochs 1 --schedule-epochs 30 --patches 20 $(run_dir t2) $TR $TRE
 stage t2-eval 90 $EVAL "$OUT/t2" $BAG128 $EV
 stage cos20 90 $EMP --epochs 1 --patches 20 $(run_dir cos20) $TR $TRE
@@ -121,6 +123,8 @@ mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/n
 stage t1 330 $EMP --epochs 1 --patches 200 $GC $(run_dir t1) $TR $TRE
 stage t1-eval 120 $EVAL "$OUT/t1" $BAG128 $EV
 stage t1-head1 150 $EVAL "$OUT/t1" $BAG128 --feature head1 --bag-augment $EV
+# each method's step with and without its view pipeline, and the syncs in it (target: 0.9 or more)
+stage pipe-rows 150 $PY bench/gpu.py --iters 20 --configs "" --memory-patches "" $SG
 # one epoch of the other methods at their paper recipes (docs/recipes.md), probed as their papers do
 stage bag 600 $PY bag_ssl.py $D --epochs 1 --channels-last $(run_dir bag) $TR
 stage bag-eval 300 $EVAL "$OUT/bag" --mode bag --patches 16 --positions random --probe linear,knn $EV
