@@ -1144,12 +1144,11 @@ class Run:
         self.steps, self.saved, self.epoch, self.signal = 0, None, 0, 0
         self.device = next(model.parameters()).device
         self.bad = torch.zeros((), dtype=torch.long, device=self.device)  # the first non-finite step, 0: none
-        need, have = self.step_memory(), host_memory()
+        need, have = self.step_bytes(), host_memory()
         if self.device.type == "cpu" and have and need > have:
             fail(f"a step of {patches // world_size()} patches of {probe['out_size']} px needs about "
-                 f"{need / 2**30:.1f} GiB "
-                 f"by estimate, this machine has {have / 2**30:.1f} GiB available: use fewer --patches, a smaller "
-                 f"--batch-size or --out-size, or a GPU")
+                 f"{need / 2**30:.1f} GiB by estimate, this machine has {have / 2**30:.1f} GiB available: "
+                 f"use fewer --patches, a smaller --batch-size or --out-size, or a GPU")
         Run.active = self
         if args.resume and os.path.exists(self.path):
             self._resume()
@@ -1169,7 +1168,7 @@ class Run:
     def _on_signal(self, signum, frame):
         self.signal = signum  # the step in progress ends; step() saves at it and stops
 
-    def step_memory(self):
+    def step_bytes(self):
         """Bytes one step of this rank holds, by estimate (step_memory)."""
         return step_memory(self.patches / world_size(), self.probe["out_size"], self.probe["stem"])
 
@@ -1322,7 +1321,7 @@ class Run:
         fix = "--grad-checkpoint, " if hasattr(self.args, "grad_checkpoint") else ""
         return (f"out of memory in step {self.steps + 1}: {self.patches // world_size()} patches of "
                 f"{self.probe['out_size']} px per rank (global patches {self.patches}) need about "
-                f"{self.step_memory() / 2**30:.1f} GiB by estimate{has}; ways out: {fix}fewer --patches, more ranks, "
+                f"{self.step_bytes() / 2**30:.1f} GiB by estimate{has}; ways out: {fix}fewer --patches, more ranks, "
                 f"a smaller --batch-size per rank; the last checkpoint is untouched")
 
     def save(self):
