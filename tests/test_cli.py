@@ -16,6 +16,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 import emp_ssl
@@ -827,3 +828,63 @@ def test_a_resume_on_another_number_of_ranks_seeds_afresh_and_says_so(tmp_path, 
         assert code == 0 and ("the checkpoint was written by 2 ranks, this run has 1" in stdout) == (out == other)
     states = [torch.load(out / "checkpoint.pt", weights_only=True)["rng"][0]["gen"] for out in (same, other)]
     assert not torch.equal(*states)  # the 1-rank resume carries the saved state on; the other does not
+
+
+# --- every probe mode and option, each with an answer known without the code under test ----------------
+
+
+def test_local_mode_is_the_pooled_grid_of_sliding_window_embeddings():
+    """--mode local (BagSSL App. C.4): the embeddings of a sliding window of patches form a grid that is
+    average-pooled (3, stride 2) and flattened. With an embedding that is the patch's mean pixel, the
+    grid is a strided average pool of the image, known in closed form."""
+    ds = common.synthetic_set("test", n=6)
+    args = eval_linear.parse_args(["--ckpt", "x", "--mode", "local", "--patch-size", "16", "--stride", "4",
+                                   "--batch-size", "4", "--workers", "0"])
+    info = {"mean": [0.0] * 3, "std": [1.0] * 3, "out_size": 16, "patch_size": 16}
+    f = eval_linear.extract(args, lambda x: x.mean((1, 2, 3))[:, None], ds, torch.device("cpu"), info)
+    img = ds.images.float().div(255).mean(1, keepdim=True)  # [N,1,32,32]: the channel mean
+    grid = F.avg_pool2d(img, 16, stride=4)  # 5 x 5 window means
+    assert grid.shape[-1] == 5 and torch.allclose(f, F.avg_pool2d(grid, 3, stride=2).flatten(1), atol=1e-6)
+
+
+def test_adam_probe_keeps_its_learning_rate_and_smooths_labels(capsys):
+    """--linear-opt adam (the multi-view paper's probe): constant lr 1e-3, label smoothing 0.1 by default,
+    top-1 of the last epoch; on two separated blobs it reaches 100 %."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 2
+    f = torch.randn(200, 8, generator=g) + 4.0 * (2 * y[:, None].float() - 1)
+    args = eval_linear.parse_args(["--ckpt", "x", "--linear-epochs", "30", "--linear-opt", "adam", "--linear-batch", "10"])
+    accs = eval_linear.linear_probe(args, f[:100], y[:100], f[100:], y[100:], 2, torch.device("cpu"))
+    assert len(accs) == 30 and accs[-1] == 100.0
+    lines = re.findall(r"linear probe: \d+/30 epochs \(loss ([\d.]+), lr ([\d.e+-]+), top-1", capsys.readouterr().out)
+    assert lines and all(float(lr) == 1e-3 for _, lr in lines)
+    assert float(lines[-1][0]) > 0.1  # smoothed targets keep the cross-entropy away from 0
+
+
+def test_transfer_probe_and_a_repeated_setting_share_one_result_file(finished_run, tmp_path, capsys):
+    """A checkpoint trained on the synthetic set, probed on another data set (an ImageFolder of dark and
+    bright noise, which any backbone separates): the result names both, --train-dataset is checked, and
+    probing the same setting again (k-NN, then linear) fills one result file with both."""
+    out, _ = finished_run
+    root = tmp_path / "folder"
+    g = torch.Generator().manual_seed(0)
+    from torchvision.io import write_png
+    for split, n in (("train", 30), ("test", 10)):
+        for c in range(2):
+            os.makedirs(root / split / f"c{c}")
+            for i in range(n):
+                img = (torch.rand(3, 32, 32, generator=g) * 60 + 20 + 150 * c).to(torch.uint8)
+                write_png(img, str(root / split / f"c{c}" / f"{i}.png"))
+    probe = ["--ckpt", str(out), "--dataset", "folder", "--data-dir", str(root), "--image-size", "32",
+             "--train-dataset", "synthetic", "--mode", "central", "--out", str(tmp_path / "res"), "--workers", "0"]
+    code, _, err = call(eval_linear.main, probe + ["--probe", "knn", "--knn-k", "5"], capsys)
+    assert code == 0, err
+    code, _, err = call(eval_linear.main, probe + ["--probe", "linear", "--linear-epochs", "5"], capsys)
+    assert code == 0, err
+    files = glob.glob(str(tmp_path / "res" / "eval-*.json"))
+    assert len(files) == 1 and files[0].endswith("-folder.json"), files
+    res = json.load(open(files[0]))
+    assert (res["dataset"], res["trained_on"], res["n_train"], res["n_test"]) == ("folder", "synthetic", 60, 20)
+    assert res["knn"]["k5"] >= 90 and "linear" in res
+    code, _, err = call(eval_linear.main, probe[:-4] + ["--train-dataset", "cifar10", "--probe", "knn"], capsys)
+    one_error_line(code, err, "--train-dataset cifar10: the checkpoint was trained on synthetic")
