@@ -1141,7 +1141,7 @@ class Run:
         self.total = self.steps_per_epoch * args.epochs
         self.horizon = self.steps_per_epoch * (args.schedule_epochs or args.epochs)  # the lr schedule's length
         self.last = min(self.total, args.max_steps or self.total)  # the step this run stops at
-        self.steps, self.saved, self.epoch, self.signal = 0, None, 0, 0
+        self.steps, self.saved, self.epoch, self.signal, self.test = 0, None, 0, 0, None
         self.device = next(model.parameters()).device
         self.bad = torch.zeros((), dtype=torch.long, device=self.device)  # the first non-finite step, 0: none
         need, have = self.step_bytes(), host_memory()
@@ -1351,7 +1351,7 @@ class Run:
         """--eval-every: k-NN top-1 on fixed subsets (quick_knn), by rank 0, logged to metrics.jsonl."""
         if is_main():
             a, backbone = self.args, unwrap(self.model).backbone
-            if not hasattr(self, "test"):
+            if self.test is None:
                 self.test = load_dataset(a.dataset, a.data_dir, "test", a.image_size, a.workers, seed=a.seed)
             self.model.eval()
             acc = quick_knn(lambda imgs: probe_features(backbone, imgs, self.probe), self.train, self.test,

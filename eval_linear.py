@@ -120,19 +120,19 @@ def legacy_probe(targs):
     (a multi-view run's own crop scale and grayscale; the projector biases it recorded)."""
     views = None
     if targs.get("method") == "multiaug_ssl":
-        aug = common.AugConfig(jitter=(0.4, 0.4, 0.4, 0.0), p_gray=targs.get("p_gray", 0.2), p_blur=0.0,
-                               p_solarize=0.0, mean=targs["norm_mean"], std=targs["norm_std"])
-        views = {"scale": list(targs.get("scale") or (0.08, 1.0)), "ratio": [3 / 4, 4 / 3], "aug": vars(aug)}
+        views = multiview_views(targs["norm_mean"], targs["norm_std"], targs.get("p_gray", 0.2),
+                                targs.get("scale") or (0.08, 1.0))
     return common.probe_info(targs["arch"], targs["stem"], targs["out_size"], targs["norm_mean"], targs["norm_std"],
                              patch_size=targs.get("patch_size"), proj=targs.get("proj"),
                              proj_bias=targs.get("proj_bias", True), views=views)
 
 
-def multiview_views(mean, std):
-    """--mode views of a run whose method has no views of its own: the multi-view paper's CIFAR views
-    (Ghosh et al. 2024, App. D: random resized crop, flip, jitter 0.4/0.4/0.4, grayscale 0.2)."""
-    aug = common.AugConfig(jitter=(0.4, 0.4, 0.4, 0.0), p_blur=0.0, p_solarize=0.0, mean=mean, std=std)
-    return {"scale": [0.08, 1.0], "ratio": [3 / 4, 4 / 3], "aug": vars(aug)}
+def multiview_views(mean, std, p_gray=0.2, scale=(0.08, 1.0)):
+    """The multi-view paper's views (Ghosh et al. 2024, App. D: random resized crop of `scale`, flip,
+    jitter 0.4/0.4/0.4, grayscale p_gray): --mode views of a run whose method has none of its own (its
+    CIFAR views), or of a multiaug_ssl checkpoint older than the saved probe (its own scale and p_gray)."""
+    aug = common.AugConfig(jitter=(0.4, 0.4, 0.4, 0.0), p_gray=p_gray, p_blur=0.0, p_solarize=0.0, mean=mean, std=std)
+    return {"scale": list(scale), "ratio": [3 / 4, 4 / 3], "aug": vars(aug)}
 
 
 def random_backbone(info, seed):
