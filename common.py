@@ -1364,8 +1364,11 @@ class Run:
             dist.barrier()
 
     def _close(self, quiet=False):
+        """The closing line, and the process group closed. A run that stops for a signal (quiet)
+        ignores further stop signals until it has exited: torchrun sends SIGTERM to the ranks still
+        closing when the first one exits, and Python's own handlers end before the interpreter does."""
         for name, handler in self._handlers.items():
-            signal.signal(getattr(signal, name), handler)
+            signal.signal(getattr(signal, name), signal.SIG_IGN if quiet else handler)
         if is_main() and not quiet:
             left = f" of {self.total}" if self.steps < self.total else ""
             print(f"done: ran steps {self.s0 + 1}-{self.steps}{left} in {(time.time() - self.t0) / 60:.1f} min; "
