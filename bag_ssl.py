@@ -15,6 +15,7 @@ Baseline column (multi-scale training, central evaluation):
     python eval_linear.py --ckpt runs/ms-vicreg/checkpoint.pt --mode central
 Multi-GPU (batch is global): torchrun --nproc_per_node=8 bag_ssl.py --dataset in100 --loss byol
 """
+import argparse
 import copy
 import itertools
 import math
@@ -60,11 +61,16 @@ def parse_args(argv=None):
     a("--temperature", type=common.POSITIVE, default=0.1, help="simclr: NT-Xent temperature (App. C.1: 0.1)")
     # TCR (Li et al. 2022; the EMP-SSL objective with n views)
     a("--inv-weight", type=common.NONNEG, default=None, help="tcr: lambda (App. C.1: 30 on CIFAR; C.2: 1920 on in100)")
-    a("--eps2", type=common.POSITIVE, default=0.2, help="tcr: epsilon^2 of the coding rate (App. C.1: 0.2)")
+    a("--eps2", type=common.POSITIVE, default=0.2,
+      help="tcr: epsilon^2 of the coding rate, d / (b eps2) (App. C.1's 'epsilon is set to 0.2' read as the "
+           "official EMP-SSL code of the same group reads its eps=0.2: it enters as d / (b eps), i.e. eps^2 = 0.2)")
     # BYOL (Grill et al. 2020)
     a("--pred-hidden", type=common.COUNT, default=4096, help="byol: predictor hidden width (BYOL Sec. 3.3: 4096)")
     a("--tau-base", type=common.PROB, default=0.99,
       help="byol: EMA momentum at step 0, cosine to 1 (BYOL Sec. 3.2; 0.99 as solo-learn's CIFAR config)")
+    a("--blur", action=argparse.BooleanOptionalAction, default=True,
+      help="BYOL's Gaussian blur, p 1.0 / 0.1 on the two views (App. C.1: BYOL's augmentations, on every data "
+           "set; --no-blur as solo-learn's CIFAR configs)")
     return p.parse_args(argv)
 
 
@@ -91,7 +97,6 @@ def resolve_args(argv=None):
     args.stem = common.default_stem(args.dataset, args.out_size)
     mean, std = common.data_stats(args.dataset)
     args.norm_mean, args.norm_std = list(mean), list(std)
-    args.blur = image > 32  # BYOL blur, off on 32 px data (as solo-learn's CIFAR configs)
     if args.patches < 2:
         common.fail("--patches must be at least 2 (two views per image)")
     return args
@@ -109,8 +114,8 @@ def sample(imgs, args, generator=None):
 
 def byol_augs(args):
     """BYOL's asymmetric augmentations (App. C.1 -> Grill et al. Table 6): flip, jitter
-    0.4/0.4/0.2/0.1 with p 0.8, grayscale 0.2; blur p 1.0 / 0.1 and solarize p 0.0 / 0.2 on
-    views 1 / 2 (no blur on 32 px data)."""
+    0.4/0.4/0.2/0.1 with p 0.8, grayscale 0.2; blur p 1.0 / 0.1 (sigma 0.1-2 px; --no-blur: none) and
+    solarize p 0.0 / 0.2 on views 1 / 2."""
     common_kw = dict(flip=0.5, jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_gray=0.2, blur_sigma=(0.1, 2.0),
                      mean=args.norm_mean, std=args.norm_std)
     return (common.AugConfig(p_blur=1.0 if args.blur else 0.0, p_solarize=0.0, **common_kw),
@@ -216,7 +221,7 @@ class BagNet(nn.Module):
 
     def __init__(self, arch, stem, proj, pred_hidden=None):
         super().__init__()
-        self.backbone = common.resnet(arch, stem)
+        self.backbone = common.backbone(arch, stem)
         self.projector = common.projector(self.backbone.dim, proj)
         d = int(proj.split("-")[-1])
         self.predictor = common.projector(d, f"{pred_hidden}-{d}") if pred_hidden else None

@@ -306,17 +306,49 @@ def augment(x, cfg, generator=None):
 # ---------------------------------------------------------------------------------------------
 
 
-def resnet(arch="resnet18", stem="cifar"):
-    """torchvision ResNet without fc; the CIFAR stem (3x3 conv, stride 1, no max-pool) suits
-    32-64 px inputs. Returns the backbone; backbone.dim is the embedding size."""
-    if arch not in ("resnet18", "resnet34", "resnet50"):
-        fail(f"unknown --arch {arch} (resnet18, resnet34 or resnet50)")
-    net = getattr(torchvision.models, arch)(weights=None)
+ARCHS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+         "efficientnet_b0")
+
+
+class PooledFeatures(nn.Module):
+    """A torchvision MobileNet / EfficientNet without its classifier: features, then global average
+    pooling. dim is the embedding size (1280, 576, 960, 1280)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.features = net.features
+        self.dim = net.features[-1].out_channels
+
+    def forward(self, x):
+        return self.features(x).mean((2, 3))
+
+
+def backbone(arch="resnet18", stem="cifar"):
+    """torchvision backbone without its classifier; backbone.dim is the embedding size.
+    ResNets: the CIFAR stem (3x3 conv, stride 1, no max-pool) suits 32-64 px inputs.
+    MobileNetV2, MobileNetV3 small / large, EfficientNet-b0 (the model-efficiency rows of Cao & Wu,
+    2024, arXiv:2404.19289, Tables 1 and 3): the "cifar" stem takes the CIFAR adaptation of the lineage
+    (kuangliu/pytorch-cifar's MobileNetV2 and EfficientNet): the stem conv and the first stride-2 block
+    run at stride 1, so a 32 px image leaves the network as a 4 x 4 map, as with the CIFAR ResNet
+    (downsampling 8 instead of 32); no block gains a shortcut it did not have. EfficientNet's stochastic
+    depth (a regulariser of torchvision's supervised recipe) is off: every random draw of a run comes
+    from its seeded generators, so a run resumes bit for bit."""
+    if arch not in ARCHS:
+        fail(f"unknown --arch {arch} ({', '.join(ARCHS)})")
+    if arch.startswith("resnet"):
+        net = getattr(torchvision.models, arch)(weights=None)
+        if stem == "cifar":
+            net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            net.maxpool = nn.Identity()
+        net.dim = net.fc.in_features
+        net.fc = nn.Identity()
+        return net
+    extra = {"stochastic_depth_prob": 0.0} if arch.startswith("efficientnet") else {}
+    net = PooledFeatures(getattr(torchvision.models, arch)(weights=None, **extra))
     if stem == "cifar":
-        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        net.maxpool = nn.Identity()
-    net.dim = net.fc.in_features
-    net.fc = nn.Identity()
+        strided = [m for m in net.features.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
+        for conv in strided[:2]:  # the stem and the first downsampling block
+            conv.stride = (1, 1)
     return net
 
 
@@ -924,7 +956,7 @@ def base_parser(description, **defaults):
       help=d.get("batch_help", "GLOBAL batch size (split over ranks)"))
     a("--lr", type=POSITIVE, default=d["lr"], help=d.get("lr_help", "base learning rate"))
     a("--weight-decay", type=NONNEG, default=d["weight_decay"], help=d.get("wd_help", "weight decay"))
-    a("--arch", default=d["arch"], choices=["resnet18", "resnet34", "resnet50"], help=d.get("arch_help", "backbone"))
+    a("--arch", default=d["arch"], choices=ARCHS, help=d.get("arch_help", "backbone"))
     a("--out", default=None, help="run folder, one run each (default runs/<method>-<dataset>-<time>)")
     a("--resume", action="store_true",
       help="continue the run in --out from its checkpoint.pt (starts fresh when there is none yet)")

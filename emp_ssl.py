@@ -113,7 +113,7 @@ class EMPNet(nn.Module):
 
     def __init__(self, arch, stem, proj, grad_checkpoint=False):
         super().__init__()
-        self.backbone = common.resnet(arch, stem)
+        self.backbone = common.backbone(arch, stem)
         self.projector = common.projector(self.backbone.dim, proj)
         self.grad_checkpoint = grad_checkpoint
 

@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p = common.ArgParser(description=__doc__)
     a = p.add_argument
     a("--ckpt", required=True, help="a run folder or its checkpoint.pt, or 'random' (random-init floor)")
-    a("--arch", default=None, choices=["resnet18", "resnet34", "resnet50"],
+    a("--arch", default=None, choices=common.ARCHS,
       help="backbone for --ckpt random (default resnet18); with a checkpoint it must match the checkpoint's")
     a("--compare-random", action="store_true",
       help="also probe a random-init backbone of the checkpoint's architecture the same way, side by side")
@@ -70,7 +70,9 @@ def parse_args(argv=None):
     a("--linear-opt", default="sgd", choices=["sgd", "adam"])
     a("--linear-wd", type=common.NONNEG, default=None, help="default 5e-5 (sgd) / 1e-6 (adam) / 0 (--linear-aug)")
     a("--linear-batch", type=common.COUNT, default=None, help="default 100 (sgd) / 512 (adam) / 128 (--linear-aug)")
-    a("--label-smoothing", type=common.Number(float, 0, 1, open_hi=True, says="in [0, 1)"), default=None, help="default 0 (sgd) / 0.1 (adam)")
+    a("--label-smoothing", type=common.Number(float, 0, 1, open_hi=True, says="in [0, 1)"), default=None,
+      help="default 0 (sgd) / 0.1 (adam: the multi-view paper's App. D does not say; its authors' probe, fastssl "
+           "scripts/train_model_multiPatch.py, uses CrossEntropyLoss(label_smoothing=0.1))")
     a("--knn-k", default="20,200")
     a("--knn-t", type=common.POSITIVE, default=0.07)
     a("--subset", type=common.COUNT, default=None, help="probe on a fixed seeded subset of N training images")
@@ -98,7 +100,7 @@ def load_backbone(args):
             "data_dir": targs.get("data_dir")}
     if args.arch and args.arch != info["arch"]:
         common.fail(f"--arch {args.arch}: the checkpoint '{args.ckpt}' holds a {info['arch']}")
-    backbone = common.resnet(info["arch"], info["stem"])
+    backbone = common.backbone(info["arch"], info["stem"])
     backbone.load_state_dict(ckpt["backbone"])
     proj = None
     if args.feature == "head1":
@@ -138,7 +140,7 @@ def multiview_views(mean, std, p_gray=0.2, scale=(0.08, 1.0)):
 def random_backbone(info, seed):
     """A randomly initialised backbone of the training run's architecture, from a fixed seed."""
     torch.manual_seed(seed)
-    return common.resnet(info["arch"], info["stem"])
+    return common.backbone(info["arch"], info["stem"])
 
 
 def setting_name(args):

@@ -38,8 +38,9 @@ import common
 
 
 def parse_args(argv=None):
-    p = common.base_parser(__doc__, epochs=400, batch_size=512, lr=0.1, weight_decay=1e-4,
-                           epochs_help="training epochs (Sec. 4.1: 400 on CIFAR and Tiny-ImageNet, 200 on ImageNet)",
+    p = common.base_parser(__doc__, epochs=None, batch_size=512, lr=0.1, weight_decay=1e-4,
+                           epochs_help="training epochs (default, Sec. 4.1: 400 on CIFAR and Tiny-ImageNet, 200 on "
+                                       "ImageNet and its subsets: --dataset in100)",
                            batch_help="GLOBAL batch of images (Sec. 4.1: 512)",
                            lr_help="SGD base learning rate, cosine decay (Sec. 4.1: 0.1)",
                            wd_help="weight decay (Sec. 4.1: 1e-4)")
@@ -54,27 +55,27 @@ def parse_args(argv=None):
       help="which part of L_SqrtKL = L1 + L2 to use (Eq. 12; Table 8 ablation)")
     a("--bank-momentum", type=common.Number(float, 0, 1, open_hi=True, says="in [0, 1)"), default=0.5, help="m of the bank update, Eq. (3)/(6) (Sec. 4.1: 0.5; Fig. 4)")
     a("--no-calibrate", action="store_true", help="random bank as NPID instead of Feature Calibrate (Table 6)")
-    # Feature Calibrate's BatchNorm mode and the colour jitter: chosen on CIFAR-10, docs/results.md#npid-calibration-grid
     a("--calibrate-bn", default="eval", choices=["train", "eval"],
       help="BatchNorm during Feature Calibrate (Cao & Wu 2024, arXiv:2404.19289, Sec. 3.2, which does not say): "
-           "eval = the untrained network's running statistics (mean 0, variance 1; default, chosen on CIFAR-10); "
+           "eval = the untrained network's running statistics (mean 0, variance 1; default: NPID's code computes "
+           "every bank feature it extracts in eval mode, lemniscate.pytorch test.py); "
            "train = batch statistics, as step 0 of training computes z")
     a("--no-grad-update", action="store_true", help="NPID's update Eq. (3) instead of Grad Update Eq. (6) (Table 6)")
     a("--bank-chunk", type=common.COUNT0, default=0,
       help="softmax over the bank in chunks of this many rows (0 = all at once); see the memory note above")
-    # NPID's CIFAR augmentation (Wu et al. 2018, arXiv:1805.01978; the official lemniscate.pytorch cifar.py):
-    # RandomResizedCrop(scale=(0.2, 1)), ColorJitter(0.4, 0.4, 0.4, 0.4) on every image, RandomGrayscale(0.2).
-    # The jitter default is brightness and contrast 0.4 at p 0.8 (chosen on CIFAR-10, see --calibrate-bn);
-    # NPID's is --jitter 0.4 0.4 0.4 0.4 --p-jitter 1
-    a("--jitter", type=common.NONNEG, nargs=4, default=(0.4, 0.4, 0.0, 0.0), metavar=("B", "C", "S", "H"),
-      help="colour-jitter strength: brightness, contrast, saturation, hue (default 0.4 0.4 0 0; NPID's CIFAR "
-           "code: 0.4 0.4 0.4 0.4)")
-    a("--p-jitter", type=common.PROB, default=0.8, help="colour-jitter probability (default 0.8; NPID's CIFAR code: 1, always)")
-    a("--p-gray", type=common.PROB, default=0.2, help="grayscale probability (NPID's CIFAR code: 0.2)")
-    a("--flip", type=common.PROB, default=0.0,
-      help="horizontal-flip probability (NPID's CIFAR code: 0, its RandomHorizontalFlip is commented out; "
-           "its ImageNet code, main.py, flips with 0.5)")
+    # The paper names no augmentation: NPID's (Wu et al. 2018, arXiv:1805.01978; the official
+    # lemniscate.pytorch cifar.py): RandomResizedCrop(scale=(0.2, 1)), ColorJitter(0.4, 0.4, 0.4, 0.4)
+    # on every image, RandomGrayscale(0.2), no flip; its ImageNet code (main.py) also flips.
+    a("--jitter", type=common.NONNEG, nargs=4, default=(0.4, 0.4, 0.4, 0.4), metavar=("B", "C", "S", "H"),
+      help="colour-jitter strength: brightness, contrast, saturation, hue (NPID's code: 0.4 0.4 0.4 0.4)")
+    a("--p-jitter", type=common.PROB, default=1.0, help="colour-jitter probability (NPID's code: 1, always)")
+    a("--p-gray", type=common.PROB, default=0.2, help="grayscale probability (NPID's code: 0.2)")
+    a("--flip", type=common.PROB, default=None,
+      help="horizontal-flip probability (default: NPID's code: 0 on CIFAR-sized data, its CIFAR code has "
+           "RandomHorizontalFlip commented out; 0.5 on --dataset in100, as its ImageNet code, main.py)")
     args = p.parse_args(argv)
+    args.epochs = args.epochs or (200 if args.dataset == "in100" else 400)
+    args.flip = (0.5 if args.dataset == "in100" else 0.0) if args.flip is None else args.flip
     if args.jitter[3] > 0.5:
         common.fail("--jitter takes brightness, contrast, saturation >= 0 and a hue in [0, 0.5]")
     return args
@@ -230,7 +231,8 @@ def random_bank(n, dim, seed):
 def augmentation(args):
     """The crop's augmentation: --flip, ColorJitter(--jitter) with --p-jitter, grayscale --p-gray; no
     blur, no solarization (NPID's CIFAR code: the crop of scale (0.2, 1), ColorJitter(0.4, 0.4, 0.4,
-    0.4) always, grayscale 0.2, no flip)."""
+    0.4) always, grayscale 0.2, no flip). NPID's ImageNet code draws the grayscale before the jitter;
+    here it follows the jitter (as in the CIFAR code)."""
     return common.AugConfig(flip=args.flip, jitter=tuple(args.jitter), p_jitter=args.p_jitter, p_gray=args.p_gray,
                             p_blur=0.0, p_solarize=0.0, mean=args.norm_mean, std=args.norm_std)
 
@@ -243,7 +245,7 @@ class NPIDNet(nn.Module):
 
     def __init__(self, arch, stem, proj):
         super().__init__()
-        self.backbone = common.resnet(arch, stem)
+        self.backbone = common.backbone(arch, stem)
         self.projector = common.projector(self.backbone.dim, proj)
 
     def forward(self, x):

@@ -121,7 +121,7 @@ def main():
         rows.append((label, n * B / t))
         print(f"EMP-SSL step {label:<28} {n * B / t:10,.0f} patches/s (first step {first:.1f} s)", flush=True)
 
-    backbone = common.resnet("resnet18", "cifar").to(device).to(memory_format=torch.channels_last)
+    backbone = common.backbone("resnet18", "cifar").to(device).to(memory_format=torch.channels_last)
     xc = x.contiguous(memory_format=torch.channels_last)
 
     def ceiling():

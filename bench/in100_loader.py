@@ -128,7 +128,7 @@ def official_cost(files, n):
 def saved_bytes(arch, checkpointed):
     """Bytes saved for backward per 224 px image (float32, batch 2, distinct storages only)."""
     torch.manual_seed(0)
-    net = common.resnet(arch, "imagenet").train()
+    net = common.backbone(arch, "imagenet").train()
     x = torch.randn(2, 3, 224, 224, requires_grad=False)
     seen = {}
 

@@ -45,14 +45,16 @@ RECIPES = {
     # paper's lr 0.3 is for batch 1024, scaled linearly to 0.3 x 128 / 1024; a cosine of 234 steps,
     # which ends inside the budget (312 steps did not: the run stopped at 240 with the lr at 0.005)
     "bag_ssl": ["--loss", "vicreg", "--arch", "resnet18", "--batch-size", "128", "--out-size", "16",
-                "--epochs", "3", "--warmup-epochs", "0", "--lr", "0.0375"],
+                "--epochs", "3", "--warmup-epochs", "0", "--lr", "0.0375", "--no-blur"],
     # Barlow Twins with 4 views, pdim 256, ResNet-18, Adam (constant lr), crops scale (0.08, 1) -> 16 px
     "multiaug_ssl": ["--loss", "barlow", "--views", "4", "--pdim", "256", "--arch", "resnet18",
                      "--batch-size", "64", "--out-size", "16", "--epochs", "2"],
     # NPID + Feature Calibrate + Grad Update + SqrtKL (lambda 20), ResNet-18, SGD lr 0.1 cosine, crops
-    # (0.2, 1) -> 16 px; one view a step, so batch 128 (468 steps: 13.3 and 13.6 wall minutes, 2026-11-26); the script's
-    # defaults for the BatchNorm mode of Feature Calibrate and the jitter (chosen by bench/npid_grid.py)
-    "npid_sqrtkl": ["--arch", "resnet18", "--batch-size", "128", "--out-size", "16", "--epochs", "6"],
+    # (0.2, 1) -> 16 px; one view a step, so batch 128 (468 steps: 13.3 and 13.6 wall minutes, 2026-11-26).
+    # Short-budget choices, not defaults (docs/results.md#npid-calibration-grid): Feature Calibrate in eval
+    # mode and a brightness / contrast jitter at p 0.8 (NPID's code: all four at 0.4, always)
+    "npid_sqrtkl": ["--arch", "resnet18", "--batch-size", "128", "--out-size", "16", "--epochs", "6",
+                    "--calibrate-bn", "eval", "--jitter", "0.4", "0.4", "0", "0", "--p-jitter", "0.8"],
 }
 # Steps between probes (a point of the curve) when --curve is not given: a third or a half of each schedule
 # (EMP-SSL in one segment: its epoch is its whole budget)
@@ -64,10 +66,11 @@ RECIPES["npid_no_sqrtkl"] = RECIPES["npid_sqrtkl"] + ["--lam", "0"]
 RECIPES_1 = {
     "emp_ssl": ["--batch-size", "100", "--patches", "8", "--patch-size", "16", "--out-size", "16", "--epochs", "1"],
     "bag_ssl": ["--loss", "vicreg", "--arch", "resnet18", "--batch-size", "128", "--epochs", "3", "--max-steps", "200",
-                "--warmup-epochs", "0", "--lr", "0.0375"],
+                "--warmup-epochs", "0", "--lr", "0.0375", "--no-blur"],
     "multiaug_ssl": ["--loss", "barlow", "--views", "4", "--pdim", "256", "--arch", "resnet18", "--batch-size", "64",
                      "--epochs", "2", "--max-steps", "200"],
-    "npid_sqrtkl": ["--arch", "resnet18", "--batch-size", "256", "--epochs", "6", "--max-steps", "200"],
+    "npid_sqrtkl": ["--arch", "resnet18", "--batch-size", "256", "--epochs", "6", "--max-steps", "200",
+                    "--calibrate-bn", "eval", "--jitter", "0.4", "0.4", "0", "0", "--p-jitter", "0.8"],
 }
 RECIPES_1["npid_no_sqrtkl"] = RECIPES_1["npid_sqrtkl"] + ["--lam", "0"]
 RECIPES_1["npid_plain"] = RECIPES_1["npid_no_sqrtkl"] + ["--no-calibrate", "--no-grad-update"]

@@ -229,12 +229,14 @@ def test_default_views_are_fixed_14px_patches_and_multiscale_views_are_random_re
 
 
 def test_augmentations_are_byol_asymmetric_and_applied_per_view():
-    a1, a2 = bag_ssl.byol_augs(args_for("vicreg"))  # 32 px: no blur
+    # App. C.1: BYOL's augmentations on every data set, 32 px included; --no-blur drops the blur only
+    for args in (args_for("vicreg"), bag_ssl.resolve_args(["--dataset", "in100", "--out", "/nonexistent"])):
+        a1, a2 = bag_ssl.byol_augs(args)
+        assert (a1.p_blur, a2.p_blur, a1.p_solarize, a2.p_solarize) == (1.0, 0.1, 0.0, 0.2)
+        assert a1.blur_sigma == a2.blur_sigma == (0.1, 2.0)
+    a1, a2 = bag_ssl.byol_augs(args_for("vicreg", "--no-blur"))
     assert (a1.p_blur, a2.p_blur, a1.p_solarize, a2.p_solarize) == (0.0, 0.0, 0.0, 0.2)
     assert a1.jitter == (0.4, 0.4, 0.2, 0.1) and a1.p_jitter == 0.8 and a1.p_gray == 0.2
-    big = bag_ssl.resolve_args(["--dataset", "in100", "--out", "/nonexistent"])
-    a1, a2 = bag_ssl.byol_augs(big)
-    assert (a1.p_blur, a2.p_blur, a1.p_solarize, a2.p_solarize) == (1.0, 0.1, 0.0, 0.2)
     # view slices get their own config: view 1 untouched, view 2 always grayscale
     keep = common.AugConfig(flip=0, p_jitter=0, p_gray=0, p_blur=0, p_solarize=0, mean=(0,) * 3, std=(1,) * 3)
     gray = common.AugConfig(flip=0, p_jitter=0, p_gray=1, p_blur=0, p_solarize=0, mean=(0,) * 3, std=(1,) * 3)
@@ -365,11 +367,13 @@ def test_short_run_beats_random_init_under_the_bag_knn_probe(tmp_path, loss, ran
     assert acc > random_bag_knn + 5, (acc, random_bag_knn)
 
 
-@pytest.mark.parametrize("dataset,blur", [("cifar10", False), ("stl10", True)])
-def test_byol_views_are_the_papers_recipe(dataset, blur, tmp_path):
-    """BYOL's asymmetric views (Grill et al. 2020, Table 6): flip 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8,
-    grayscale 0.2 on both; blur 1.0 / 0.1 and solarization 0 / 0.2 on views 1 / 2; no blur on 32 px images."""
+@pytest.mark.parametrize("dataset,flags,blur", [("cifar10", [], True), ("stl10", [], True),
+                                               ("cifar10", ["--no-blur"], False)])
+def test_byol_views_are_the_papers_recipe(dataset, flags, blur, tmp_path):
+    """BYOL's asymmetric views (Grill et al. 2020, Table 6; BagSSL App. C.1 takes them as they are): flip
+    0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2 on both; blur 1.0 / 0.1 and solarization
+    0 / 0.2 on views 1 / 2, on 32 px images too; --no-blur drops the blur."""
     from recipe_util import assert_recipe
-    v1, v2 = bag_ssl.byol_augs(bag_ssl.resolve_args(["--dataset", dataset, "--out", str(tmp_path / "run")]))
+    v1, v2 = bag_ssl.byol_augs(bag_ssl.resolve_args(["--dataset", dataset, "--out", str(tmp_path / "run"), *flags]))
     assert_recipe(v1, 0.5, (0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 1.0 if blur else 0.0, 0.0)
     assert_recipe(v2, 0.5, (0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 0.1 if blur else 0.0, 0.2)

@@ -314,7 +314,7 @@ def test_eval_random_positions_are_drawn_per_image_and_repeat_on_every_call():
 
 def test_bag_of_features_with_per_image_boxes_equals_one_image_at_a_time():
     torch.manual_seed(0)
-    net = common.resnet("resnet18", "cifar").eval()
+    net = common.backbone("resnet18", "cifar").eval()
     imgs = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     boxes = eval_linear.random_boxes(3, 4, 16, 32, seed=0)
     mean, std = (0.5,) * 3, (0.25,) * 3
@@ -448,6 +448,11 @@ METHODS = ("emp_ssl", "bag_ssl", "multiaug_ssl", "npid_sqrtkl")
 # each method's checkpoint as written on main at 15ff342, before `probe` was saved in it: its top-level
 # keys, its args (with the fields methods set only for eval_linear) and the command line that wrote it
 OLD = json.load(open(os.path.join(ROOT, "tests", "fixtures", "old_checkpoints.json")))
+# defaults changed since, to the papers' / the lineage's values (docs/recipes.md): arg -> (then, now),
+# and the flags that give the old recipe back
+CHANGED = {"bag_ssl": ({"blur": (False, True)}, ["--no-blur"]),
+           "npid_sqrtkl": ({"jitter": ([0.4, 0.4, 0.0, 0.0], [0.4, 0.4, 0.4, 0.4]), "p_jitter": (0.8, 1.0)},
+                           ["--jitter", "0.4", "0.4", "0", "0", "--p-jitter", "0.8"])}
 
 
 def _plain(x):
@@ -456,10 +461,13 @@ def _plain(x):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_checkpoint_of_the_old_format_resumes_and_probes_as_the_new_one(method, tmp_path, capsys):
-    """The same flags give the same recipe flags as before; the run saved in the old format (no `probe`,
-    the old args) is probed exactly as the new checkpoint (eval_linear.legacy_probe), and --resume continues it."""
+    """The same flags give the same recipe flags as before, but for the defaults changed since (CHANGED);
+    the run saved in the old format (no `probe`, the old args) is probed exactly as the new checkpoint
+    (eval_linear.legacy_probe); --resume with today's defaults is refused in one line naming the changed
+    flags, and with the flags that give the old recipe back it continues the run."""
     import importlib
     mod, old = importlib.import_module(method), OLD[method]
+    changed, restore = CHANGED.get(method, ({}, []))
     new_out, old_out = tmp_path / "new", tmp_path / "old"
     mod.main(old["argv"] + ["--out", str(new_out), "--workers", "0"])
     ck = torch.load(new_out / "checkpoint.pt", weights_only=True)
@@ -467,8 +475,8 @@ def test_a_checkpoint_of_the_old_format_resumes_and_probes_as_the_new_one(method
     new_args = _plain(ck["args"])
     assert set(new_args) <= set(old["args"]) | {"out", "data_dir"}
     assert set(old["args"]) - set(new_args) <= {"patch_size", "proj_bias", "proj"}  # set only for eval_linear
-    assert {k: v for k, v in new_args.items() if k in old["args"]} == {k: old["args"][k] for k in new_args
-                                                                       if k in old["args"]}
+    differ = {k: (old["args"][k], v) for k, v in new_args.items() if k in old["args"] and old["args"][k] != v}
+    assert differ == changed
     old_out.mkdir()
     torch.save({**{k: ck[k] for k in old["keys"]}, "args": {**old["args"], "out": str(old_out),
                                                            "data_dir": ck["args"]["data_dir"]}},
@@ -478,7 +486,11 @@ def test_a_checkpoint_of_the_old_format_resumes_and_probes_as_the_new_one(method
     for extra in ([], ["--feature", "head1"]) + ((["--mode", "views", "--views", "3"],) if method == "multiaug_ssl" else ()):
         a, b = (eval_linear.main(["--ckpt", str(d), *probe, *extra]) for d in (new_out, old_out))
         assert a["knn"] == b["knn"] and a["mode"] == b["mode"] and a.get("patch_size") == b.get("patch_size"), extra
-    mod.main(old["argv"] + ["--out", str(old_out), "--workers", "0", "--resume", "--max-steps", "2"])
+    if changed:
+        with pytest.raises(common.UserError, match="--resume with other recipe flags") as e:
+            mod.main(old["argv"] + ["--out", str(old_out), "--workers", "0", "--resume", "--max-steps", "2"])
+        assert all(f"--{k.replace('_', '-')} " in str(e.value) for k in changed) and "\n" not in str(e.value)
+    mod.main(old["argv"] + restore + ["--out", str(old_out), "--workers", "0", "--resume", "--max-steps", "2"])
     ck = torch.load(old_out / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 2 and ck["probe"] == torch.load(new_out / "checkpoint.pt", weights_only=True)["probe"]
     assert steps_logged(old_out) == [2]  # the old folder held no metrics: the resumed run logs its own step

@@ -175,16 +175,18 @@ def test_train_fraction_indices_are_fixed_nested_and_sized():
     assert len(ma.train_fraction_indices(10000, 1.0)) == 10000
 
 
-def test_flags_reach_args_and_cifar_defaults_are_the_authors_scripts():
+def test_flags_reach_args_and_cifar_defaults_are_the_papers():
     args = ma.parse_args(["--views", "8", "--pdim", "64", "--lam", "0.005", "--loss", "vicreg",
                           "--train-fraction", "0.25", "--sim-coeff", "10"])
     assert (args.views, args.pdim, args.lam, args.loss, args.train_fraction, args.sim_coeff) == \
         (8, 64, 0.005, "vicreg", 0.25, 10.0)
     d = ma.parse_args([])
+    # Sec. 4.2 (4 views, pdim 256, Barlow Twins), App. D Table 4 (Adam 1e-3, wd 1e-6, batch 256, 100 epochs)
     assert (d.views, d.pdim, d.loss, d.lr, d.weight_decay, d.batch_size, d.epochs) == \
-        (2, 256, "barlow", 1e-3, 1e-6, 128, 100)
-    # CifarTransformFFCV: crops of the image side, scale (0.08, 1), grayscale 0.2
-    assert (d.out_size, tuple(d.scale), d.p_gray, d.lam) == (None, (0.08, 1.0), 0.2, 0.02)
+        (4, 256, "barlow", 1e-3, 1e-6, 256, 100)
+    # CifarTransformFFCV: crops of the image side, scale (0.08, 1), grayscale 0.2; the authors' lambda for 4 views
+    assert (d.out_size, tuple(d.scale), d.p_gray, d.lam) == (None, (0.08, 1.0), 0.2, 0.01)
+    assert ma.parse_args(["--dataset", "in100"]).batch_size == 128  # App. D Table 4: 128 on ImageNet-100
 
 
 # the authors' multiPatch_barlowTwins_*results.sh: (data set, views, fraction, pdim, lambda)
@@ -223,14 +225,14 @@ def test_lam_default_off_the_table_follows_the_nearest_row_and_pdim():
 
 
 def test_stl10_takes_the_authors_stl_recipe_and_flags_override_it():
-    # STLTransformFFCV: 64 px crops of scale (0.2, 1), grayscale 0.1; the STL-10 scripts' batch 100
+    # STLTransformFFCV: 64 px crops of scale (0.2, 1), grayscale 0.1; App. D's batch 256; 4 views' lambda
     s = ma.parse_args(["--dataset", "stl10"])
-    assert (s.batch_size, s.out_size, tuple(s.scale), s.p_gray, s.lam) == (100, 64, (0.2, 1.0), 0.1, 0.008)
+    assert (s.batch_size, s.out_size, tuple(s.scale), s.p_gray, s.lam) == (256, 64, (0.2, 1.0), 0.1, 0.001)
     o = ma.parse_args(["--dataset", "stl10", "--batch-size", "64", "--out-size", "96", "--scale", "0.08", "1",
                        "--p-gray", "0.3"])
     assert (o.batch_size, o.out_size, tuple(o.scale), o.p_gray) == (64, 96, (0.08, 1.0), 0.3)
     c = ma.parse_args(["--dataset", "cifar10", "--out-size", "24"])
-    assert (c.batch_size, c.out_size, tuple(c.scale), c.p_gray) == (128, 24, (0.08, 1.0), 0.2)
+    assert (c.batch_size, c.out_size, tuple(c.scale), c.p_gray) == (256, 24, (0.08, 1.0), 0.2)
 
 
 def test_projector_last_linear_has_a_bias_that_the_barlow_loss_sees():
