@@ -40,7 +40,7 @@ import common
 def parse_args(argv=None):
     p = common.base_parser(__doc__, epochs=None, batch_size=512, lr=0.1, weight_decay=1e-4,
                            epochs_help="training epochs (default, Sec. 4.1: 400 on CIFAR and Tiny-ImageNet, 200 on "
-                                       "ImageNet and its subsets: --dataset in100)",
+                                       "ImageNet and its subsets: images above 64 px, e.g. --dataset in100)",
                            batch_help="GLOBAL batch of images (Sec. 4.1: 512)",
                            lr_help="SGD base learning rate, cosine decay (Sec. 4.1: 0.1)",
                            wd_help="weight decay (Sec. 4.1: 1e-4)")
@@ -71,11 +71,13 @@ def parse_args(argv=None):
     a("--p-jitter", type=common.PROB, default=1.0, help="colour-jitter probability (NPID's code: 1, always)")
     a("--p-gray", type=common.PROB, default=0.2, help="grayscale probability (NPID's code: 0.2)")
     a("--flip", type=common.PROB, default=None,
-      help="horizontal-flip probability (default: NPID's code: 0 on CIFAR-sized data, its CIFAR code has "
-           "RandomHorizontalFlip commented out; 0.5 on --dataset in100, as its ImageNet code, main.py)")
+      help="horizontal-flip probability (default: NPID's code: 0 on data up to 64 px, its CIFAR code has "
+           "RandomHorizontalFlip commented out; 0.5 on ImageNet-sized data, e.g. --dataset in100, as its ImageNet "
+           "code, main.py)")
     args = p.parse_args(argv)
-    args.epochs = args.epochs or (200 if args.dataset == "in100" else 400)
-    args.flip = (0.5 if args.dataset == "in100" else 0.0) if args.flip is None else args.flip
+    imagenet = (args.image_size or common.IMAGE_SIZE.get(args.dataset, 224)) > 64  # the ImageNet stem's data
+    args.epochs = args.epochs or (200 if imagenet else 400)
+    args.flip = (0.5 if imagenet else 0.0) if args.flip is None else args.flip
     if args.jitter[3] > 0.5:
         common.fail("--jitter takes brightness, contrast, saturation >= 0 and a hue in [0, 0.5]")
     return args

@@ -417,6 +417,8 @@ def test_augmentation_defaults_hold_their_stated_values():
     big.norm_mean, big.norm_std = args.norm_mean, args.norm_std
     assert_recipe(npid.augmentation(big), 0.5, (0.4, 0.4, 0.4, 0.4), 1.0, 0.2, 0.0, 0.0)
     assert big.epochs == 200 and npid.parse_args(["--dataset", "tinyimagenet"]).epochs == 400
+    folder = npid.parse_args(["--dataset", "folder", "--image-size", "224"])  # ImageNet as a folder (Table 3)
+    assert (folder.epochs, folder.flip) == (200, 0.5)
     short = npid.parse_args(["--jitter", "0.4", "0.4", "0", "0", "--p-jitter", "0.8", "--epochs", "6"])
     short.norm_mean, short.norm_std = args.norm_mean, args.norm_std
     assert_recipe(npid.augmentation(short), 0.0, (0.4, 0.4, 0.0, 0.0), 0.8, 0.2, 0.0, 0.0)
