@@ -78,6 +78,9 @@ def parse_args(argv=None):
     a("--subset", type=common.COUNT, default=None, help="probe on a fixed seeded subset of N training images")
     a("--test-subset", type=common.COUNT, default=None, help="evaluate on a fixed seeded subset of N test images")
     a("--batch-size", type=common.COUNT, default=256, help="images per feature-extraction batch")
+    a("--amp", default="bf16", choices=["bf16", "off"],
+      help="feature extraction under bf16 autocast on CUDA (default) or in float32 (off: as the official EMP-SSL "
+           "evaluation; its results get their own file, '-fp32'); the CPU extracts in float32 either way")
     a("--workers", type=common.COUNT0, default=4)
     a("--seed", type=common.SEED, default=0, help="seed of the random init, patch positions and view augmentations")
     a("--out", default=None, help="folder for the result file (default: the checkpoint's folder)")
@@ -155,6 +158,8 @@ def setting_name(args):
     if args.out_size:
         parts.append(f"o{args.out_size}")
     parts.append(args.feature)
+    if args.amp == "off":
+        parts.append("fp32")
     if args.linear_aug:
         parts.append("linaug")
     if args.dataset != args.trained_on:
@@ -321,7 +326,7 @@ def linear_aug_probe(args, embed, train, te_f, te_y, info, device):
 def probe_all(args, embed, train, test, device, info, ks, probes, name):
     """Features of both splits, then every asked probe: the result dict of one backbone."""
     t0 = time.time()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and args.amp == "bf16"):
         tr_f = extract(args, embed, train, device, info, f"{name} train") if not args.linear_aug or "knn" in probes \
             else None
         te_f = extract(args, embed, test, device, info, f"{name} test", seed_offset=1)

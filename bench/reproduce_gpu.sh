@@ -3,6 +3,14 @@
 #
 # Tong, Chen, Ma, LeCun, "EMP-SSL: Towards Self-Supervised Learning in One Training Epoch", 2023,
 # arXiv:2304.03977. Stages, in the order they run (most wanted first):
+#   control      the authors' code (github.com/tsb0601/EMP-SSL, --emp-code: a checkout at the commit
+#                bench/emp_control.py pins), one epoch of 20 patches on our CIFAR-10 copy, through
+#                bench/emp_control.py (its edits for one GPU and a current torch are in the log);
+#                control-head1: our probe of it the authors' way (head1, augmented patches at random
+#                positions per image), control-eval: our backbone bag probe, control-own (last of
+#                the new stages): their evaluate.py with 16 test patches a bag
+#   proj20       emp_ssl.py --epochs 1 --patches 20 --proj 4096-4096-1024 (the authors' projector),
+#                proj20-head1, proj20-eval; proj20-fp32: the same in float32 (--amp off), and its probes
 #   speed        bench/gpu.py: EMP-SSL step at 20 patches x batch 100 in fp32 / bf16 /
 #                bf16+channels_last against the ResNet-18 fwd+bwd ceiling; peak memory and
 #                epoch time at 20 and 200 patches, with and without --grad-checkpoint
@@ -18,6 +26,7 @@
 #                under 70 GiB), t1-eval, t1-head1
 #   pipe-rows    bench/gpu.py: EMP-SSL (20, 200 patches), BagSSL and multiaug steps alone, their view
 #                pipelines alone, the steps with the pipelines, the ratio and the syncs in a step
+#   methods      bench/methods.py: each method's step time and peak memory at its paper recipe, side by side
 #   bag, multiaug, npid   one epoch of each other method at its paper recipe, and its probe
 # Each stage writes OUT/<stage>.log and, when it ends well, OUT/<stage>.done; --resume skips the
 # done ones (a training stage whose run folder holds a checkpoint resumes from it). --budget S
@@ -25,10 +34,14 @@
 # ends the script between stages; rerun with --resume to go on. --only A,B runs those stages, in
 # that order.
 #
-#   bash bench/reproduce_gpu.sh --data cache/cifar10-jpeg.tar.gz            # everything, ~1 h
+#   bash bench/reproduce_gpu.sh --data cache/cifar10-jpeg.tar.gz            # everything, ~1.5 h
 #   bash bench/reproduce_gpu.sh --resume --budget 540 --only speed,cos20,cos20-eval  # in this order
+# The control and the projector in one 15-minute device session (about 570 s by the H200/H100 rows of
+# docs/results.md), then a short second call:
+#   bash bench/reproduce_gpu.sh --resume --budget 540 --only control,control-head1,proj20,proj20-head1
+#   bash bench/reproduce_gpu.sh --resume --budget 240 --only proj20-fp32,proj20-fp32-head1
 set -u
-OUT=runs/gpu DATA=${EFFSSL_CIFAR10:-cache/cifar10} RESUME=0 BUDGET=0 ONLY="" PACK="" SMOKE=0
+OUT=runs/gpu DATA=${EFFSSL_CIFAR10:-cache/cifar10} RESUME=0 BUDGET=0 ONLY="" PACK="" SMOKE=0 EMP_CODE=cache/EMP-SSL
 while [ $# -gt 0 ]; do
   case $1 in
     --out) OUT=$2; shift 2;;
@@ -37,8 +50,9 @@ while [ $# -gt 0 ]; do
     --budget) BUDGET=$2; shift 2;;  # seconds; 0: none
     --only) ONLY=",$2,"; shift 2;;
     --pack) PACK=$2; shift 2;;  # after each stage, tar OUT's logs and results (no checkpoints) here
+    --emp-code) EMP_CODE=$2; shift 2;;  # the authors' code for the control stages (bench/emp_control.py --help)
     --smoke) SMOKE=1; shift;;  # every stage at toy size (a CPU check of this script)
-    -h|--help) sed -n '2,29p' "$0"; exit 0;;
+    -h|--help) sed -n '2,41p' "$0"; exit 0;;
     *) echo "error: unknown argument $1 (see --help)" >&2; exit 2;;
   esac
 done
@@ -96,16 +110,37 @@ run_dir() {  # the run folder OUT/NAME, and --resume when asked for and it holds
   echo "--out $OUT/$1"; [ $RESUME = 1 ] && [ -f "$OUT/$1/checkpoint.pt" ] && echo --resume; return 0
 }
 
-TR="" TRE="" EV="" SG="" SP=""  # --smoke: toy sizes (the last of a repeated flag wins)
+TR="" TRE="" EV="" SG="" SP="" CS=""  # --smoke: toy sizes (the last of a repeated flag wins)
 if [ $SMOKE = 1 ]; then
+  CS="--smoke --test-patches 1"
   TR="--max-steps 2 --subset 200 --batch-size 20 --workers 0" TRE="--patches 2"
-  EV="--subset 200 --test-subset 100 --linear-epochs 1 --batch-size 50 --workers 0 --patches 4"
+  EV="--subset 200 --test-subset 100 --linear-epochs 1 --batch-size 50 --workers 0 --patches 1 --knn-k 20"
   SG="--device cpu --smoke"
   SP="--device cpu --images 16 --batch-size 8 --patches 2 --step-batch 2 --steps 1 --workers 1"
 fi
 EMP="$PY emp_ssl.py $D --channels-last"
 EVAL="$PY eval_linear.py --ckpt"
 BAG128="--mode bag --patches 128 --probe linear,knn --knn-k 20,200"
+# the authors' evaluation (their evaluate.py): the 4096-d first projector block of 128 training-augmented
+# patches at random positions per image, extracted in float32 (--amp off).
+AUTH="--feature head1 --bag-augment --positions random --amp off"
+# The control and the projector first. Sizes: the authors' per-patch PIL pipeline on 16
+# workers 16,600 patches/s (stage pipeline, H200) against a float32 step of 21,800 (speed): ~60 s of
+# training for 1M patches, ~20 s of start-up and data conversion; a head1 probe 125 s of features (H100)
+# and its linear probe; one epoch of ours 37-43 s with start-up in bf16, about 2.7x the step in float32.
+CTRL="$PY bench/emp_control.py --code $EMP_CODE --data $DATA --out $OUT/control"
+stage control 150 $CTRL $CS
+stage control-head1 180 $EVAL "$OUT/control" $BAG128 $AUTH $EV
+stage proj20 90 $EMP --epochs 1 --patches 20 --proj 4096-4096-1024 $(run_dir proj20) $TR $TRE
+stage proj20-head1 180 $EVAL "$OUT/proj20" $BAG128 $AUTH $EV
+stage control-eval 90 $EVAL "$OUT/control" $BAG128 $EV
+stage proj20-eval 90 $EVAL "$OUT/proj20" $BAG128 $EV
+stage proj20-fp32 120 $EMP --epochs 1 --patches 20 --proj 4096-4096-1024 --amp off $(run_dir proj20-fp32) $TR $TRE
+stage proj20-fp32-head1 180 $EVAL "$OUT/proj20-fp32" $BAG128 $AUTH $EV
+stage proj20-fp32-eval 90 $EVAL "$OUT/proj20-fp32" $BAG128 $EV
+# their own evaluation at 16 patches a bag (128: ~7.7M PIL augmentations, far past a session), then
+# their linear probe: 100 epochs on the CPU through a DataLoader
+stage control-own 300 $CTRL --own-eval --test-patches 16 $CS
 stage speed 60 $PY bench/gpu.py --iters 20 --pipeline-rows "" $SG
 stage t2 90 $EMP --epochs 1 --schedule-epochs 30 --patches 20 $(run_dir t2) $TR $TRE
 stage t2-eval 90 $EVAL "$OUT/t2" $BAG128 $EV
@@ -125,6 +160,7 @@ stage t1-eval 120 $EVAL "$OUT/t1" $BAG128 $EV
 stage t1-head1 150 $EVAL "$OUT/t1" $BAG128 --feature head1 --bag-augment $EV
 # each method's step with and without its view pipeline, and the syncs in it (target: 0.9 or more)
 stage pipe-rows 150 $PY bench/gpu.py --iters 20 --configs "" --memory-patches "" $SG
+stage methods 120 $PY bench/methods.py $SG
 # one epoch of the other methods at their paper recipes (docs/recipes.md), probed as their papers do
 stage bag 600 $PY bag_ssl.py $D --epochs 1 --channels-last $(run_dir bag) $TR
 stage bag-eval 300 $EVAL "$OUT/bag" --mode bag --patches 16 --positions random --probe linear,knn $EV

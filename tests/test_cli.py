@@ -900,3 +900,39 @@ def test_transfer_probe_and_a_repeated_setting_share_one_result_file(finished_ru
     assert res["knn"]["k5"] >= 90 and "linear" in res
     code, _, err = call(eval_linear.main, probe[:-4] + ["--train-dataset", "cifar10", "--probe", "knn"], capsys)
     one_error_line(code, err, "--train-dataset cifar10: the checkpoint was trained on synthetic")
+
+
+def test_float32_extraction_is_its_own_probe_setting(monkeypatch):
+    """--amp off turns the bf16 autocast of feature extraction off (the official EMP-SSL evaluation is float32)
+    and names its result file apart; on CUDA the autocast is enabled only with --amp bf16 (recorded)."""
+    names = {}
+    for amp in ("bf16", "off"):
+        args = eval_linear.parse_args(["--ckpt", "x", "--amp", amp])
+        args.trained_on = args.dataset = "cifar10"
+        names[amp] = eval_linear.setting_name(args)
+    assert names["off"] == names["bf16"].replace("backbone", "backbone-fp32") != names["bf16"]
+    seen = []
+
+    class Autocast:
+        def __init__(self, device_type, dtype=None, enabled=True):
+            seen.append(enabled)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+    monkeypatch.setattr(eval_linear.torch, "autocast", Autocast)
+    class Extracted(Exception):
+        pass
+
+    def extract(*a, **k):
+        raise Extracted
+
+    monkeypatch.setattr(eval_linear, "extract", extract)
+    for amp in ("bf16", "off"):
+        args = eval_linear.parse_args(["--ckpt", "x", "--amp", amp])
+        with pytest.raises(Extracted):
+            eval_linear.probe_all(args, None, None, None, torch.device("cuda"), {}, [20], ["knn"], "t")
+    assert seen == [True, False]
