@@ -1,13 +1,17 @@
 """ImageNet-100 end to end on a tiny fake ImageNet: `tools/build_in100.py`, then each method's
 in100 recipe under 2-process torchrun (gloo, CPU) for 2 steps, a resume to step 3, and a k-NN
 probe of the checkpoint; a corrupt JPEG in the tree is reported once and replaced, not fatal.
+emp_ssl's resumed run is compared weight for weight with 3 steps run without a stop (the
+file-backed loader with workers), and its probe's k-NN numbers with a direct computation.
 
 Only the batch, patches/views and steps are shrunk (bag_ssl also its projector, see BAG_SMALL).
 Wall time of this file on this 2-core AMD EPYC, shared with other jobs: 161 s (pytest's count;
 163 s for the whole command, 253 CPU-seconds; load average 2.3 when it started), the four
 pipelines two at a time (fixture `runs`); one at a time it took 211 s. Most of it is start-up:
 8 torchrun launches (each about 16 CPU-seconds of imports before any step) and 4 probes;
-npid_sqrtkl's Feature Calibrate forwards all 200 training images once on rank 0.
+npid_sqrtkl's Feature Calibrate forwards all 200 training images once on rank 0. The uninterrupted
+emp_ssl run and the two checks on it added 29 s (236 s against 207 s without them, run one after
+the other, load average 6-7 from other jobs).
 """
 import functools
 import json
@@ -19,6 +23,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 import emp_ssl
@@ -176,11 +181,12 @@ def test_corrupt_file_is_reported_once_and_replaced(in100, capsys):
 
 def pipeline(method, data, out):
     """Run 2 steps, resume to step 3, probe; what the test checks, stopping at the first failure."""
-    res = {"run": torchrun(method, data, out, ["--max-steps", "2"])}
+    res = {"out": out, "run": torchrun(method, data, out, ["--max-steps", "2"])}
     if res["run"].returncode:
         return res
     ckpt = common.load_checkpoint(os.path.join(out, "checkpoint.pt"), method)  # before the resume rewrites it
-    res["ckpt"] = {"step": ckpt["step"], "rng": len(ckpt["rng"]), "args": ckpt["args"]}
+    res["ckpt"] = {"step": ckpt["step"], "rng": len(ckpt["rng"]), "args": ckpt["args"],
+                   "conv1": ckpt["backbone"]["conv1.weight"]}
     res["resume"] = torchrun(method, data, out, ["--max-steps", "3", "--resume"])
     if res["resume"].returncode:
         return res
@@ -199,9 +205,12 @@ def runs(in100, tmp_path_factory):
     rank 0 alone in Feature Calibrate and checkpoint writes), two side by side fill them."""
     from concurrent.futures import ThreadPoolExecutor
     base = tmp_path_factory.mktemp("runs")
-    with ThreadPoolExecutor(2) as pool:  # the two slowest first, then the two quicker ones
+    with ThreadPoolExecutor(2) as pool:  # the two slowest first, then the quicker ones
         jobs = {m: pool.submit(pipeline, m, in100["out"], str(base / m))
                 for m in ("npid_sqrtkl", "bag_ssl", "emp_ssl", "multiaug_ssl")}
+        # emp_ssl's 3 steps without a stop, for its resumed run to equal (test_resume_on_in100_...)
+        jobs["emp_ssl_uninterrupted"] = pool.submit(torchrun, "emp_ssl", in100["out"],
+                                                    str(base / "emp_ssl_uninterrupted"), ["--max-steps", "3"])
         return {m: job.result() for m, job in jobs.items()}
 
 
@@ -231,6 +240,96 @@ def test_method_runs_resumes_and_probes_on_in100(method, runs, in100):
     ev = res["eval"][0]
     assert (ev["dataset"], ev["method"], ev["n_train"], ev["n_test"]) == ("in100", method, 12, 6)
     assert 0 <= ev["knn"]["k5"] <= 100
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the torchrun ranks (OMP_NUM_THREADS=1): the same float reductions
+    yield
+    torch.set_num_threads(n)
+
+
+def test_resume_on_in100_equals_the_uninterrupted_run(runs):
+    """emp_ssl on the file-backed loader (2 workers per rank, 2 ranks): the run stopped at step 2
+    and resumed to step 3 (test_method_runs_resumes_and_probes_on_in100) holds the weights of 3 steps
+    without a stop, to float tolerance: same batches, patches, augmentations and optimizer state."""
+    full = runs["emp_ssl_uninterrupted"]
+    assert full.returncode == 0, full.stderr[-3000:]
+    res = runs["emp_ssl"]
+    assert res.get("step_after_resume") == 3, res["run"].stderr[-3000:]
+    resumed = torch.load(os.path.join(res["out"], "checkpoint.pt"), weights_only=True)
+    uninterrupted = torch.load(os.path.join(os.path.dirname(res["out"]), "emp_ssl_uninterrupted", "checkpoint.pt"),
+                               weights_only=True)
+    assert resumed["step"] == uninterrupted["step"] == 3
+    a, b = resumed["model"], uninterrupted["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+        else:
+            assert torch.equal(a[k], b[k]), k
+    assert not torch.equal(resumed["backbone"]["conv1.weight"], res["ckpt"]["conv1"])  # step 3 moved the weights
+
+
+def _bag_features(backbone, images, probe, patches):
+    """EMP-SSL's bag (Sec. 2) written out: the mean backbone embedding of the fixed patches, each
+    cut out, resized bilinearly to the input side and normalised; backbone in eval mode."""
+    mean = torch.tensor(probe["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(probe["std"]).view(1, 3, 1, 1)
+    out = probe["out_size"]
+    feats = 0
+    with torch.no_grad():
+        for top, left, h, w in common.fixed_patch_boxes(patches, probe["patch_size"], images.shape[-1]).tolist():
+            x = images[:, :, top:top + h, left:left + w].float() / 255
+            x = F.interpolate(x, size=(out, out), mode="bilinear", align_corners=False)
+            feats = feats + backbone.eval()((x - mean) / std).double()
+    return feats / patches
+
+
+def _knn_top1(train_f, train_y, test_f, test_y, k, t=0.07):
+    """Weighted k-NN (Wu et al. 2018, arXiv:1805.01978) in float64: cosine similarity to the k most
+    similar train images, votes exp(s / t) per class; top-1 in %."""
+    a, b = F.normalize(train_f.double(), dim=1), F.normalize(test_f.double(), dim=1)
+    sim, idx = (b @ a.T).topk(min(k, len(a)), dim=1)
+    votes = torch.zeros(len(b), int(train_y.max()) + 1, dtype=torch.float64)
+    votes.scatter_add_(1, train_y[idx], (sim / t).exp())
+    return (votes.argmax(1) == test_y).double().mean().item() * 100
+
+
+def test_probe_numbers_equal_a_direct_computation(runs, in100, tmp_path, one_thread):
+    """The k-NN top-1 that eval_linear.py reports for the resumed in100 run, recomputed here from
+    the checkpoint: (1) its in100 probe (12 train / 6 test images, k 5); (2) a probe whose test split
+    is its train split (12 images, 6 classes of 2 in a folder tree), where k 1 must be 100 (every
+    image is its own nearest neighbour) and k 3 takes the other images' votes."""
+    import eval_linear
+    res = runs["emp_ssl"]
+    assert res.get("eval"), res.get("probe", res["run"]).stderr[-3000:]
+    ckpt = torch.load(os.path.join(res["out"], "checkpoint.pt"), weights_only=True)
+    backbone = common.backbone(ckpt["probe"]["arch"], ckpt["probe"]["stem"])
+    backbone.load_state_dict(ckpt["backbone"])
+    # (1) the in100 probe of the pipeline
+    train = common.load_dataset("in100", in100["out"], "train")
+    test = common.load_dataset("in100", in100["out"], "test")
+    train = train.subset(common.subset_indices(len(train), 12, seed=1))
+    test = test.subset(common.subset_indices(len(test), 6, seed=2))
+    tr_f = _bag_features(backbone, train.get(torch.arange(12)), ckpt["probe"], 1)
+    te_f = _bag_features(backbone, test.get(torch.arange(6)), ckpt["probe"], 1)
+    assert res["eval"][0]["knn"]["k5"] == pytest.approx(_knn_top1(tr_f, train.labels, te_f, test.labels, 5))
+    # (2) test split = train split: 12 in100 train images, linked into 6 class folders
+    _, files, labels = common._scan_folder(os.path.join(in100["out"], "train"))
+    tree = tmp_path / "same"
+    for f, c in zip(files[:12], labels[:12]):
+        os.makedirs(tree / "train" / f"c{c}", exist_ok=True)
+        os.symlink(os.path.realpath(f), tree / "train" / f"c{c}" / os.path.basename(f))
+    os.symlink(tree / "train", tree / "val")
+    result = eval_linear.main(["--ckpt", os.path.join(res["out"], "checkpoint.pt"), "--dataset", "folder",
+                               "--data-dir", str(tree), "--image-size", "224", "--probe", "knn", "--knn-k", "1,3",
+                               "--patches", "1", "--workers", "0", "--out", str(tmp_path / "probe")])
+    ds = common.load_dataset("folder", str(tree), "train", image_size=224)
+    f = _bag_features(backbone, ds.get(torch.arange(len(ds))), ckpt["probe"], 1)
+    assert result["knn"]["k1"] == _knn_top1(f, ds.labels, f, ds.labels, 1) == 100
+    assert result["knn"]["k3"] == pytest.approx(_knn_top1(f, ds.labels, f, ds.labels, 3))
 
 
 # --- emp_ssl --patch-sampler official: the authors' ImageNet crops, in the workers ------------------

@@ -286,61 +286,9 @@ def test_bad_flags_are_one_line_errors():
 
 
 # --- distributed ---------------------------------------------------------------------------------------
-
-
-def _fixed_embedding_steps(rank, world, chunk):
-    """Three steps of loss + backward + bank update on fixed embeddings of a global batch of 8,
-    each rank taking its slice. Returns the bank, the global-batch losses and the local gradients."""
-    g = torch.Generator().manual_seed(0)
-    N, B, d, tau, lam = 40, 8, 16, 0.1, 20.0
-    bank = F.normalize(torch.randn(N, d, generator=g, dtype=torch.float64), dim=1)
-    b = B // world
-    losses, grads = [], []
-    for _ in range(3):
-        Z = F.normalize(torch.randn(B, d, generator=g, dtype=torch.float64), dim=1)
-        I = torch.randperm(N, generator=g)[:B]
-        z, idx = Z[rank * b:(rank + 1) * b].clone().requires_grad_(), I[rank * b:(rank + 1) * b]
-        ce, kl, lse = npid.instance_loss(z, bank, idx, tau, "full", chunk)
-        loss = ce.mean() + lam * kl.mean()
-        loss.backward()
-        npid.global_batch_update(bank, z.detach(), idx, lse, tau)
-        losses.append(common.all_gather_nograd(loss.detach()[None]).mean())
-        grads.append(z.grad)
-    return {"bank": bank, "losses": torch.stack(losses), "grads": torch.stack(grads)}
-
-
-def _two_process_worker(rank, world, out_dir):
-    import torch.distributed as dist
-    fixed = {chunk: _fixed_embedding_steps(rank, world, chunk) for chunk in (0, 7)}
-    banks = []  # the bank at every checkpoint of a real 2-process training run
-    save, destroy = common.Run.save, dist.destroy_process_group
-
-    def spy(run):
-        banks.append(run.state["bank"].clone())
-        return save(run)
-
-    common.Run.save, dist.destroy_process_group = spy, (lambda *a, **k: None)
-    try:
-        npid.main(TINY + ["--epochs", "1", "--max-steps", "3", "--save-every", "1", "--out", out_dir])
-    finally:
-        common.Run.save, dist.destroy_process_group = save, destroy
-    return {"fixed": fixed, "banks": banks}
-
-
-def test_two_processes_keep_identical_banks_and_the_one_process_loss(tmp_path):
-    r0, r1 = run_world(_two_process_worker, 2, (str(tmp_path / "ddp"),))
-    # the real training run: the bank is bit-identical on both ranks after calibration and every step
-    assert len(r0["banks"]) == len(r1["banks"]) == 4
-    assert all(torch.equal(a, b) for a, b in zip(r0["banks"], r1["banks"]))
-    assert not torch.equal(r0["banks"][0], r0["banks"][-1])
-    for chunk in (0, 7):
-        one = _fixed_embedding_steps(0, 1, chunk)
-        f0, f1 = r0["fixed"][chunk], r1["fixed"][chunk]
-        assert torch.equal(f0["bank"], f1["bank"])
-        assert torch.allclose(f0["bank"], one["bank"], atol=1e-12)
-        assert torch.allclose(f0["losses"], one["losses"], atol=1e-12) and torch.equal(f0["losses"], f1["losses"])
-        # each rank's loss is the mean over its rows: its gradient / world is the global-batch gradient
-        assert torch.allclose(torch.cat([f0["grads"], f1["grads"]], 1) / 2, one["grads"], atol=1e-12)
+# The 2-process checks (instance loss, gradients and Grad Update on fixed embeddings; a real run's bank,
+# equal on both ranks and equal to the one-process update) are in test_dist_steps.py, which runs every
+# script's 2-process checks in one process world.
 
 
 # --- resume ------------------------------------------------------------------------------------------
