@@ -10,6 +10,7 @@ import common
 import eval_linear
 import npid_sqrtkl
 
+pytestmark = pytest.mark.usefixtures("cached_synthetic")  # tests/conftest.py
 SMALL = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0")
 # the paper's parameter counts (Table 9's backbone column, millions: torchvision's whole ImageNet model,
 # classifier included; MobileNetV2's is not printed: MobileNetV2 paper, Sandler et al. 2018, Table 4: 3.4M)

@@ -26,19 +26,7 @@ from tools import plot as plot_tool
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset", "synthetic", "--subset", "64", "--batch-size", "16", "--patches", "2",
         "--patch-size", "8", "--out-size", "8", "--log-every", "1"]
-_SYN = {}
-
-
-@pytest.fixture(autouse=True)
-def cached_synthetic(monkeypatch):
-    """common.synthetic_set is deterministic: generate each split once for the in-process runs."""
-    real = common.synthetic_set
-
-    def cached(split, seed=0, n=None):
-        if (split, seed, n) not in _SYN:
-            _SYN[split, seed, n] = real(split, seed, n)
-        return _SYN[split, seed, n]
-    monkeypatch.setattr(common, "synthetic_set", cached)
+pytestmark = pytest.mark.usefixtures("cached_synthetic")  # tests/conftest.py
 
 
 def call(main, argv, capsys):

@@ -276,20 +276,9 @@ def test_in100_model_has_imagenet_stem(tmp_path):
 # --- command line ------------------------------------------------------------------------------
 
 
-_real_synthetic_set = common.synthetic_set
-_SYNTHETIC = {}
-
-
-def _cached_synthetic_set(split, seed=0, n=None):
-    """common.synthetic_set is deterministic: generate each split once for the in-process runs."""
-    if (split, seed, n) not in _SYNTHETIC:
-        _SYNTHETIC[split, seed, n] = _real_synthetic_set(split, seed, n)
-    return _SYNTHETIC[split, seed, n]
-
-
 @pytest.fixture
-def fast_synthetic(monkeypatch):
-    monkeypatch.setattr(common, "synthetic_set", _cached_synthetic_set)
+def fast_synthetic(cached_synthetic):  # tests/conftest.py
+    pass
 
 
 def start_cli(args, env=None, module=("emp_ssl.py",)):

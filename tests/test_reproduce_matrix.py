@@ -177,19 +177,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-_SYN = {}
-
-
-@pytest.fixture(autouse=True)
-def cached_synthetic(monkeypatch):
-    """common.synthetic_set is deterministic: each split is generated once for the whole module."""
-    real = common.synthetic_set
-
-    def cached(split, seed=0, n=None):
-        if (split, seed, n) not in _SYN:
-            _SYN[split, seed, n] = real(split, seed, n)
-        return _SYN[split, seed, n]
-    monkeypatch.setattr(common, "synthetic_set", cached)
+pytestmark = pytest.mark.usefixtures("cached_synthetic")  # tests/conftest.py
 
 
 def call(main, argv, capsys):
