@@ -924,3 +924,25 @@ def test_float32_extraction_is_its_own_probe_setting(monkeypatch):
         with pytest.raises(Extracted):
             eval_linear.probe_all(args, None, None, None, torch.device("cuda"), {}, [20], ["knn"], "t")
     assert seen == [True, False]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_compile_and_no_sync_bn_reach_the_network_of_every_script(method, tmp_path, monkeypatch):
+    """--compile hands the (wrapped) training network to torch.compile once; --no-sync-bn reaches
+    wrap_ddp as sync_bn=False (the default True). Recorded, not compiled: inductor on a CPU takes
+    minutes; bench/gpu.py's compile stage runs the real thing on a GPU."""
+    import importlib
+    mod = importlib.import_module(method)
+    compiled, synced = [], []
+    monkeypatch.setattr(torch, "compile", lambda net, *a, **k: compiled.append(net) or net)
+    real_wrap = common.wrap_ddp
+    monkeypatch.setattr(common, "wrap_ddp", lambda model, device, sync_bn=True: synced.append(sync_bn)
+                        or real_wrap(model, device, sync_bn))
+    base = ["--dataset", "synthetic", "--subset", "32", "--batch-size", "16", "--out-size", "8", "--epochs", "1",
+            "--max-steps", "1", "--workers", "0"]
+    extra = {"emp_ssl": ["--patches", "2", "--patch-size", "8"], "bag_ssl": ["--arch", "resnet18"],
+             "multiaug_ssl": ["--arch", "resnet18", "--views", "2"], "npid_sqrtkl": []}[method]
+    for flags, out in ((["--compile", "--no-sync-bn"], "a"), ([], "b")):
+        mod.main(base + extra + ["--out", str(tmp_path / out), *flags])
+    assert synced == [False, True] and len(compiled) == 1
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in compiled[0].modules())  # the network itself
