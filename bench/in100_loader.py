@@ -186,7 +186,7 @@ def main():
     print(f"--patch-sampler official, one core: full-size decode {t_dec * 1e3:.1f} ms, "
           f"RandomResizedCrop(224, bicubic) {t_crop * 1e3:.2f} ms per view")
 
-    print(f"\nESTIMATE (GPU side assumed, not measured): H100 forward+backward images/s at 224 px: "
+    print("\nESTIMATE (GPU side assumed, not measured): H100 forward+backward images/s at 224 px: "
           + ", ".join(f"{k} {v:.0f}" for k, v in gpu.items()))
     print(f"loader side measured above: {rate:.0f} images/s per worker (1 worker)")
     print(f"{'recipe (in100 defaults)':<34}{'views':>6}{'arch':>10}{'GPU img/s':>11}{'step s':>8}"

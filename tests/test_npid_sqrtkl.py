@@ -1,6 +1,5 @@
 """Tests of npid_sqrtkl.py: the paper's worked example, Grad Update against Eq. (5) and autograd,
 the chunked softmax, Feature Calibrate and the Table 6 flags, 2-process banks, resume, learning."""
-import json
 import math
 import os
 import subprocess
