@@ -29,16 +29,7 @@ TINY = ["--dataset", "synthetic", "--subset", "64", "--batch-size", "16", "--pat
 pytestmark = pytest.mark.usefixtures("cached_synthetic")  # tests/conftest.py
 
 
-def call(main, argv, capsys):
-    """Run a script's main in-process under common.run_cli: (exit code, stdout, stderr lines)."""
-    capsys.readouterr()
-    code = 0
-    try:
-        common.run_cli(lambda: main(argv))
-    except SystemExit as e:
-        code = e.code
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err.strip().splitlines()
+from cli_util import call  # noqa: E402  (tests/cli_util.py)
 
 
 def one_error_line(code, err, needle):

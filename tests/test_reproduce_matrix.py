@@ -180,25 +180,18 @@ def one_thread():
 pytestmark = pytest.mark.usefixtures("cached_synthetic")  # tests/conftest.py
 
 
-def call(main, argv, capsys):
-    capsys.readouterr()
-    code = 0
-    try:
-        common.run_cli(lambda: main(argv))
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr()
+from cli_util import call  # noqa: E402  (tests/cli_util.py)
 
 
 @pytest.mark.parametrize("key", list(GROUPS), ids=[v[0] for v in GROUPS.values()])
 def test_each_flag_set_trains_a_step_on_synthetic_and_its_probes_run(key, tmp_path, capsys):
     name, argv = key
     out = str(tmp_path / "run")
-    code, cap = call(SCRIPTS[name + ".py"].main, list(argv) + ["--out", out], capsys)
-    assert code == 0 and os.path.exists(os.path.join(out, "checkpoint.pt")), (argv, cap.err[-2000:])
+    code, _, err = call(SCRIPTS[name + ".py"].main, list(argv) + ["--out", out], capsys)
+    assert code == 0 and os.path.exists(os.path.join(out, "checkpoint.pt")), (argv, err[-20:])
     for pargv in sorted(GROUPS[key][1]):
-        code, cap = call(eval_linear.main, ["--ckpt", out, *pargv], capsys)
-        assert code == 0 and "wrote" in cap.out, (argv, pargv, cap.err[-2000:])
+        code, stdout, err = call(eval_linear.main, ["--ckpt", out, *pargv], capsys)
+        assert code == 0 and "wrote" in stdout, (argv, pargv, err[-20:])
 
 
 # --- bench/methods.py -----------------------------------------------------------------------
