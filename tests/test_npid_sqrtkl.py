@@ -332,9 +332,10 @@ def test_short_run_beats_random_init_under_the_same_central_knn_probe(tmp_path):
     """Feature Calibrate + Grad Update at the paper's lr (0.1, cosine), 80 epochs of 128 synthetic
     images (320 steps of 32, 16 px crops) lift the central k-NN accuracy of the backbone above a
     random ResNet-18's. Without SqrtKL (--lam 0): at the paper's lambda = 20 the same run does not
-    learn (27.2 vs 52.8; the CE stays at log N and z collapses to one direction), and at 32 epochs
-    the run is seed-dependent (82.4 / 24.8 / 60.4), at 64 less so, at 80 not (see MARGIN). Seed 0 at 64 epochs:
-    plain NPID (random bank, Eq. 3 update) 82.8, Grad Update alone (--no-calibrate) 82.4."""
+    learn (27.2 vs 52.8; the CE stays at log N and z collapses to one direction within 32 steps, in
+    every variant of N, tau, lr and calibration tried: docs/results.md#npid-on-the-synthetic-set), and
+    at 32 epochs the run is seed-dependent (82.4 / 24.8 / 60.4), at 64 less so, at 80 not (see
+    MARGIN). Seed 0 at 64 epochs: plain NPID (random bank, Eq. 3 update) 82.8, Grad Update alone (--no-calibrate) 82.4."""
     # one after the other, all cores each: the training (320 short steps) is the long part, and
     # side by side at one thread each it took longer (at 64 epochs 230 s against about 150 s)
     train = subprocess.run([sys.executable, "npid_sqrtkl.py", "--dataset", "synthetic", "--subset", "128",
