@@ -16,6 +16,7 @@ from torchvision.io import write_png
 
 import common
 from dist_util import run_world
+from check_util import Payload
 from tools import build_in100 as in100_tool
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
@@ -482,19 +483,6 @@ def test_epoch_batches_ranks_together_give_the_single_process_batches(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------------------------
-
-def _touch(path):  # what an unsafe unpickler would run
-    open(path, "w").close()
-    return path
-
-
-class Payload:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (_touch, (self.path,))
-
 
 def test_atomic_save_leaves_no_temp_file(tmp_path):
     path = tmp_path / "checkpoint.pt"

@@ -17,6 +17,7 @@ import common
 import emp_ssl
 import multiaug_ssl
 import npid_sqrtkl
+from check_util import Payload
 
 
 @pytest.fixture(autouse=True)
@@ -149,18 +150,6 @@ def test_cifar_pickles_read_as_written_and_as_torchvisions_class_reads_them(name
         ref = tv(str(tmp_path), train=split != "test")
         assert torch.equal(ds.images, torch.from_numpy(ref.data).permute(0, 3, 1, 2))
         assert ds.labels.tolist() == ref.targets
-
-
-def _touch(path):  # what an unsafe unpickler would run
-    open(path, "w").close()
-
-
-class Payload:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (_touch, (self.path,))
 
 
 def test_a_cifar_batch_that_would_run_code_or_is_torn_is_one_line(tmp_path):

@@ -19,6 +19,7 @@ import common
 from probe_util import eval_result
 import emp_ssl
 from dist_util import run_world
+from check_util import assert_state_dicts_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -402,12 +403,7 @@ def test_resume_after_a_crash_mid_epoch_equals_the_uninterrupted_run(tmp_path):
     assert "resumed from" in resumed.stdout and "at step 6" in resumed.stdout
     assert torch.load(os.path.join(crash_out, "checkpoint.pt"), weights_only=True)["step"] == 8
     a, b = _weights(tmp_path / "full" / "checkpoint.pt"), _weights(os.path.join(crash_out, "checkpoint.pt"))
-    assert a.keys() == b.keys()
-    for k in a:
-        if a[k].is_floating_point():
-            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=k)
-        else:
-            assert torch.equal(a[k], b[k]), k
+    assert_state_dicts_close(a, b)
     # and the run did move the weights (the comparison is not between two untouched inits)
     torch.manual_seed(0)
     init = emp_ssl.EMPNet("resnet18", "cifar", "4096-512").state_dict()
