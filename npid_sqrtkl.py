@@ -61,6 +61,9 @@ def parse_args(argv=None):
            "every bank feature it extracts in eval mode, lemniscate.pytorch test.py); "
            "train = batch statistics, as step 0 of training computes z")
     a("--no-grad-update", action="store_true", help="NPID's update Eq. (3) instead of Grad Update Eq. (6) (Table 6)")
+    a("--bank-grad", default="ce", choices=["ce", "full"],
+      help="Grad Update's direction: the negative gradient with respect to the batch's bank rows of the batch's "
+           "CE (ce: Eq. 4-5, as Sec. 3.2 derives it) or of the whole loss L = CE + lambda SqrtKL (full: Eq. 13)")
     a("--bank-chunk", type=common.COUNT0, default=0,
       help="softmax over the bank in chunks of this many rows (0 = all at once); see the memory note above")
     # The paper names no augmentation: NPID's (Wu et al. 2018, arXiv:1805.01978; the official
@@ -104,20 +107,23 @@ SQRTKL_GRAD = {"full": 0.5, "l1": 1.0, "l2": -0.5}
 
 
 class ChunkedInstanceLoss(torch.autograd.Function):
-    """The per-row (CE, SqrtKL, logsumexp) of s = z W^T / tau without a b x N tensor: forward
-    streams the log-sum-exps over chunks of the bank; backward recomputes each chunk's logits and
-    uses the closed-form gradients dCE/ds_n = p_n - [n = i] (Eq. 4) and dSqrtKL/ds_n =
+    """The per-row (CE, SqrtKL, logsumexp, entropy, hit) of s = z W^T / tau without a b x N tensor:
+    forward streams the log-sum-exps over chunks of the bank; backward recomputes each chunk's logits
+    and uses the closed-form gradients dCE/ds_n = p_n - [n = i] (Eq. 4) and dSqrtKL/ds_n =
     coef * p_n (log p_n + H)."""
 
     @staticmethod
     def forward(ctx, z, bank, target, tau, chunk, part):
         b = z.shape[0]
         M = z.new_full((b,), -math.inf)  # running max of s
+        arg = torch.zeros(b, dtype=torch.long, device=z.device)  # and where it is
         S0, S1 = z.new_zeros(b), z.new_zeros(b)  # sum exp(s - M), sum exp(s - M) s
         half = z.new_full((b,), -math.inf)  # logsumexp(s / 2)
         for c in range(0, bank.shape[0], chunk):
             s = z @ bank[c:c + chunk].T / tau
-            M_new = torch.maximum(M, s.max(1).values)
+            top, where = s.max(1)
+            arg = torch.where(top > M, where + c, arg)
+            M_new = torch.maximum(M, top)
             e, shrink = torch.exp(s - M_new[:, None]), torch.exp(M - M_new)
             S0, S1, M = S0 * shrink + e.sum(1), S1 * shrink + (e * s).sum(1), M_new
             half = torch.logaddexp(half, torch.logsumexp(0.5 * s, 1))
@@ -128,11 +134,12 @@ class ChunkedInstanceLoss(torch.autograd.Function):
         ce = lse - (z * bank[target]).sum(1) / tau
         ctx.save_for_backward(z, bank, target, lse, H)
         ctx.tau, ctx.chunk, ctx.coef = tau, chunk, SQRTKL_GRAD[part]
-        ctx.mark_non_differentiable(lse)
-        return ce, kl, lse
+        hit = arg == target
+        ctx.mark_non_differentiable(lse, H, hit)
+        return ce, kl, lse, H, hit
 
     @staticmethod
-    def backward(ctx, g_ce, g_kl, _):
+    def backward(ctx, g_ce, g_kl, *_):
         z, bank, target, lse, H = ctx.saved_tensors
         grad = torch.zeros_like(z)
         for c in range(0, bank.shape[0], ctx.chunk):
@@ -146,40 +153,50 @@ class ChunkedInstanceLoss(torch.autograd.Function):
 
 def instance_loss(z, bank, target, tau=0.1, part="full", chunk=0):
     """Per row of the batch: CE(p, i) (Eq. 2) and L_SqrtKL (Eq. 7) of p = softmax(W z / tau)
-    over all N bank rows (Eq. 1, with NPID's temperature), and logsumexp(s) for the bank update.
-    Run it in float32. chunk > 0 computes the same over chunks of the bank (memory: see the top)."""
+    over all N bank rows (Eq. 1, with NPID's temperature), and, without gradient, logsumexp(s) and
+    the entropy H of p (for the bank update) and whether the row's own bank row has the largest
+    logit (instance accuracy, Fig. 3b). Run it in float32. chunk > 0 computes the same over chunks
+    of the bank (memory: see the top)."""
     if chunk and chunk < bank.shape[0]:
         return ChunkedInstanceLoss.apply(z, bank, target, tau, chunk, part)
     s = z @ bank.T / tau  # Eq. (1): s_n = w_n^T z / tau
     logp = F.log_softmax(s, dim=1)
     ce = -logp.gather(1, target[:, None]).squeeze(1)  # Eq. (2)
-    return ce, sqrtkl(logp, part), torch.logsumexp(s.detach(), 1)
+    with torch.no_grad():
+        lse, H, hit = torch.logsumexp(s, 1), -(logp.exp() * logp).sum(1), s.argmax(1) == target
+    return ce, sqrtkl(logp, part), lse, H, hit
 
 
 # --- memory bank, Sec. 3.2 ----------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def update_bank(bank, Z, P_b, I, m=0.5, grad_update=True):
-    """Grad Update, Eq. (5)-(6), for the global batch: z_hat_k = z_k - sum_j P_b[j, k] z_j with
-    P_b[j, k] = P[j, I_k] (the softmax of sample j at bank row I_k), i.e. tau times the negative
-    gradient of the batch's summed CE with respect to w_{I_k} (Eq. 4); grad_update=False is NPID's
-    Eq. (3), z_hat_k = z_k. Then w <- m w + (1 - m) z_hat, re-normalised: rows stay on the unit
-    sphere with the features they are compared to."""
+def update_bank(bank, Z, G, I, m=0.5, grad_update=True):
+    """Grad Update, Eq. (5)-(6), for the global batch: z_hat_k = z_k - sum_j G[j, k] z_j, i.e. tau
+    times the negative gradient of the batch's summed loss with respect to w_{I_k}: the loss of
+    sample j reaches w_n through s_jn = w_n^T z_j / tau only, so dL/dw_n = sum_j (dL_j/ds_jn) z_j / tau,
+    and G[j, k] = dL_j/ds_{j, I_k} without CE's -[j = k] (which gives the z_k). For CE, G = P_b,
+    P_b[j, k] = P[j, I_k] (Eq. 4, 5); global_batch_update also offers the whole loss of Eq. 13.
+    grad_update=False is NPID's Eq. (3), z_hat_k = z_k. Then w <- m w + (1 - m) z_hat,
+    re-normalised: rows stay on the unit sphere with the features they are compared to."""
     # |z_hat| is not 1: where one row takes much of the batch's softmax mass (B comparable to N, or
     # near-identical features) the sum term dominates the mix and can flip the row
-    z_hat = Z - P_b.T @ Z if grad_update else Z
+    z_hat = Z - G.T @ Z if grad_update else Z
     bank[I] = F.normalize(m * bank[I] + (1 - m) * z_hat, dim=1)
 
 
 @torch.no_grad()
-def global_batch_update(bank, z, idx, lse, tau, m=0.5, grad_update=True):
-    """Update the bank from the whole global batch, given this rank's rows (z, bank rows idx,
-    logsumexp of their logits): the rows, indices and this rank's softmax at the batch's columns
-    are gathered, so every rank applies the same update and the banks stay equal."""
+def global_batch_update(bank, z, idx, lse, H, tau, m=0.5, grad_update=True, kl_coef=0.0):
+    """Update the bank from the whole global batch, given this rank's rows (z, bank rows idx, the
+    logsumexp and entropy of their softmax): the rows, indices and this rank's G at the batch's
+    columns are gathered, so every rank applies the same update and the banks stay equal.
+    kl_coef = lambda * coef adds SqrtKL's share of the gradient (--bank-grad full):
+    dL_SqrtKL/ds_n = coef p_n (log p_n + H) (App. A.1: Eq. 8 through ds; coef 0.5 for L1 + L2)."""
     I = common.all_gather_nograd(idx)
-    P_b = torch.exp(z @ bank[I].T / tau - lse[:, None])  # [b, B]: P[j, I_k] for this rank's rows j
-    update_bank(bank, common.all_gather_nograd(z), common.all_gather_nograd(P_b), I, m, grad_update)
+    logP = z @ bank[I].T / tau - lse[:, None]  # [b, B]: log P[j, I_k] for this rank's rows j
+    P = logP.exp()
+    G = P + kl_coef * P * (logP + H[:, None]) if kl_coef else P
+    update_bank(bank, common.all_gather_nograd(z), common.all_gather_nograd(G), I, m, grad_update)
 
 
 def whole_view(images, out_size, mean, std):
@@ -297,15 +314,17 @@ def main(argv=None):
         z, idx = z.float(), idx.to(device)
         # the loss of a row needs only its own z and the bank: each rank takes its rows, and DDP's
         # gradient average gives the global-batch gradient
-        ce, kl, lse = instance_loss(z, bank, idx, tau, args.sqrtkl_part, args.bank_chunk)
+        ce, kl, lse, H, hit = instance_loss(z, bank, idx, tau, args.sqrtkl_part, args.bank_chunk)
         loss = ce.mean() + args.lam * kl.mean()  # Eq. (13)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         # Grad Update, Eq. (5)-(6) (or NPID's Eq. 3), from the global batch, the same on every rank
-        global_batch_update(bank, z.detach(), idx, lse, tau, args.bank_momentum, not args.no_grad_update)
-        terms = common.all_gather_nograd(torch.stack([loss, ce.mean(), kl.mean()]).detach()[None]).mean(0)
-        run.step({"loss": terms[0], "ce": terms[1], "sqrtkl": terms[2]}, lr)
+        kl_coef = args.lam * SQRTKL_GRAD[args.sqrtkl_part] if args.bank_grad == "full" else 0.0
+        global_batch_update(bank, z.detach(), idx, lse, H, tau, args.bank_momentum, not args.no_grad_update, kl_coef)
+        terms = torch.stack([loss, ce.mean(), kl.mean(), 100 * hit.float().mean()]).detach()
+        terms = common.all_gather_nograd(terms[None]).mean(0)  # inst_acc: % of the batch whose own row wins (Fig. 3b)
+        run.step(dict(zip(("loss", "ce", "sqrtkl", "inst_acc"), terms)), lr)
 
 
 if __name__ == "__main__":

@@ -172,8 +172,9 @@ def build(row, args, pool, device, gen):
             with ac():
                 z = model(cl(common.augment(x, aug, gen)))
             z = z.float()
-            ce, kl, lse = npid_sqrtkl.instance_loss(z, bank, idx, args.temperature, args.sqrtkl_part, args.bank_chunk)
-            state["update"] = (z.detach(), lse)
+            ce, kl, lse, H, _ = npid_sqrtkl.instance_loss(z, bank, idx, args.temperature, args.sqrtkl_part,
+                                                          args.bank_chunk)
+            state["update"] = (z.detach(), lse, H)
             return ce.mean() + args.lam * kl.mean()
         views = B
     model = model.to(device)
@@ -186,8 +187,8 @@ def build(row, args, pool, device, gen):
         loss.backward()
         opt.step()
         if row == "npid":  # Grad Update of the bank rows, as the script after its optimiser step
-            z, lse = state.pop("update")
-            npid_sqrtkl.global_batch_update(bank, z, idx, lse, args.temperature, args.bank_momentum,
+            z, lse, H = state.pop("update")
+            npid_sqrtkl.global_batch_update(bank, z, idx, lse, H, args.temperature, args.bank_momentum,
                                             not args.no_grad_update)
     return model, step, views
 

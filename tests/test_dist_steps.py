@@ -49,10 +49,11 @@ def _digest(model):
     return h.hexdigest()
 
 
-def _npid_fixed_embedding_steps(rank, world, chunk):
+def _npid_fixed_embedding_steps(rank, world, chunk, bank_grad="ce"):
     """npid_sqrtkl: three steps of loss + backward + bank update on fixed float64 embeddings of a
-    global batch of 8, each rank taking its slice (chunk > 0: the chunked softmax). Returns the bank,
-    the global-batch losses and the local gradients."""
+    global batch of 8, each rank taking its slice (chunk > 0: the chunked softmax; bank_grad "full":
+    Grad Update from CE + lambda SqrtKL). Returns the bank, the global-batch losses and the local
+    gradients."""
     g = torch.Generator().manual_seed(0)
     N, B, d, tau, lam = 40, 8, 16, 0.1, 20.0
     bank = F.normalize(torch.randn(N, d, generator=g, dtype=torch.float64), dim=1)
@@ -62,10 +63,11 @@ def _npid_fixed_embedding_steps(rank, world, chunk):
         Z = F.normalize(torch.randn(B, d, generator=g, dtype=torch.float64), dim=1)
         I = torch.randperm(N, generator=g)[:B]
         z, idx = Z[rank * b:(rank + 1) * b].clone().requires_grad_(), I[rank * b:(rank + 1) * b]
-        ce, kl, lse = npid_sqrtkl.instance_loss(z, bank, idx, tau, "full", chunk)
+        ce, kl, lse, H, _ = npid_sqrtkl.instance_loss(z, bank, idx, tau, "full", chunk)
         loss = ce.mean() + lam * kl.mean()
         loss.backward()
-        npid_sqrtkl.global_batch_update(bank, z.detach(), idx, lse, tau)
+        kl_coef = lam * npid_sqrtkl.SQRTKL_GRAD["full"] if bank_grad == "full" else 0.0
+        npid_sqrtkl.global_batch_update(bank, z.detach(), idx, lse, H, tau, kl_coef=kl_coef)
         losses.append(common.all_gather_nograd(loss.detach()[None]).mean())
         grads.append(z.grad)
     return {"bank": bank, "losses": torch.stack(losses), "grads": torch.stack(grads)}
@@ -109,7 +111,8 @@ def _train_every_method(rank, world, out_root):
     common.synthetic_set = lambda split, seed=0, n=None: real_synthetic(split, seed, n or N_IMAGES)
     common.Run.__init__, common.Run.batches, common.Run.step = init, batches, step
     dist.destroy_process_group = lambda *a, **k: None  # Run closes the group at the end of each main()
-    out = {"npid_fixed": {chunk: _npid_fixed_embedding_steps(rank, world, chunk) for chunk in (0, 7)}}
+    out = {"npid_fixed": {(chunk, g): _npid_fixed_embedding_steps(rank, world, chunk, g)
+                          for chunk in (0, 7) for g in ("ce", "full")}}
     try:
         for name, (module, flags) in METHODS.items():
             rec.clear()
@@ -146,7 +149,7 @@ def _reference_loss(name, net, xs, a, idx, bank):
         zs = [net(x).float() for x in xs]
     if name == "npid_sqrtkl":
         Z = torch.cat(zs)  # one view: rows of rank 0, then rank 1, the global batch order
-        ce, kl, _ = npid_sqrtkl.instance_loss(Z, bank, idx, a.temperature, a.sqrtkl_part)
+        ce, kl, *_ = npid_sqrtkl.instance_loss(Z, bank, idx, a.temperature, a.sqrtkl_part)
         return ce.mean() + a.lam * kl.mean(), Z
     n = a.views if name == "multiaug_ssl" else a.patches
     Z = torch.cat([z.reshape(n, len(z) // n, -1) for z in zs], 1)  # [n, B, d]: view i of every image
@@ -199,12 +202,13 @@ def test_two_ranks_keep_identical_weights_and_the_first_loss_is_the_one_process_
 
 
 @pytest.mark.parametrize("chunk", [0, 7])
-def test_npid_loss_gradients_and_bank_update_on_fixed_embeddings_equal_one_process(chunk, two_ranks):
+@pytest.mark.parametrize("bank_grad", ["ce", "full"])
+def test_npid_loss_gradients_and_bank_update_on_fixed_embeddings_equal_one_process(chunk, bank_grad, two_ranks):
     """Each rank takes its rows of the global batch: the losses (gathered), the local gradients
     (each rank's loss is the mean over its rows: its gradient / world is the global-batch gradient)
     and the bank after 3 Grad Updates equal one process on the whole batch."""
-    one = _npid_fixed_embedding_steps(0, 1, chunk)
-    f0, f1 = (r["npid_fixed"][chunk] for r in two_ranks)
+    one = _npid_fixed_embedding_steps(0, 1, chunk, bank_grad)
+    f0, f1 = (r["npid_fixed"][chunk, bank_grad] for r in two_ranks)
     assert torch.equal(f0["bank"], f1["bank"])
     assert torch.allclose(f0["bank"], one["bank"], atol=1e-12)
     assert torch.allclose(f0["losses"], one["losses"], atol=1e-12) and torch.equal(f0["losses"], f1["losses"])

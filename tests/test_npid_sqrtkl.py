@@ -57,7 +57,8 @@ def test_instance_loss_reproduces_the_worked_example(chunk):
     p = torch.tensor([0.91] + [0.01] * 9, dtype=torch.float64)
     W = torch.diag(p.log())
     z = torch.ones(1, 10, dtype=torch.float64, requires_grad=True)
-    ce, kl, lse = npid.instance_loss(z, W, torch.tensor([0]), tau=1.0, chunk=chunk)
+    ce, kl, lse, _, hit = npid.instance_loss(z, W, torch.tensor([0]), tau=1.0, chunk=chunk)
+    assert hit.tolist() == [True]  # p_0 = 0.91 is the largest
     assert abs(lse.item()) < 1e-12 and abs(ce.item() + math.log(0.91)) < 1e-12
     (g_kl,) = torch.autograd.grad(kl.sum(), z, retain_graph=True)
     (g_ce,) = torch.autograd.grad(ce.sum(), z)
@@ -83,24 +84,28 @@ def test_chunked_softmax_equals_unchunked_and_the_equations(part):
     W = F.normalize(torch.randn(N, d, generator=g, dtype=torch.float64), dim=1)
     z0 = F.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=1)
     target = torch.randperm(N, generator=g)[:b]
+    target[:2] = (z0[:2] @ W.T).argmax(1)  # two rows whose own bank row wins: instance accuracy 2 / 6
     out = {}
     for chunk in (0, 7, 50, 1000):  # 7 does not divide N; 50 and 1000 fall back to the plain path
         z = z0.clone().requires_grad_()
-        ce, kl, lse = npid.instance_loss(z, W, target, tau, part, chunk)
+        ce, kl, lse, H, hit = npid.instance_loss(z, W, target, tau, part, chunk)
         (ce.mean() + lam * kl.mean()).backward()
-        out[chunk] = (ce.detach(), kl.detach(), lse, z.grad)
+        out[chunk] = (ce.detach(), kl.detach(), lse, H, hit, z.grad)
     z = z0.clone().requires_grad_()
     ce, kl = _reference_loss(z, W, target, tau, part)
     (ce.mean() + lam * kl.mean()).backward()
-    ref = (ce.detach(), kl.detach(), torch.logsumexp(z0 @ W.T / tau, 1), z.grad)
+    s = z0 @ W.T / tau
+    p = torch.softmax(s, 1)
+    ref = (ce.detach(), kl.detach(), torch.logsumexp(s, 1), -(p * p.log()).sum(1), s.argmax(1) == target, z.grad)
+    assert ref[4].sum() == 2
     for chunk, got in out.items():
         for a, r in zip(got, ref):
-            assert torch.allclose(a, r, rtol=1e-9, atol=1e-12), chunk
+            assert torch.equal(a, r) if r.dtype == torch.bool else torch.allclose(a, r, rtol=1e-9, atol=1e-12), chunk
     # float32, as the training loop runs it: still equal to float tolerance
     z = z0.float().clone().requires_grad_()
-    ce, kl, _ = npid.instance_loss(z, W.float(), target, tau, part, 7)
+    ce, kl, *_ = npid.instance_loss(z, W.float(), target, tau, part, 7)
     (ce.mean() + lam * kl.mean()).backward()
-    assert torch.allclose(z.grad.double(), ref[3], atol=1e-4) and torch.allclose(kl.double(), ref[1], atol=1e-5)
+    assert torch.allclose(z.grad.double(), ref[5], atol=1e-4) and torch.allclose(kl.double(), ref[1], atol=1e-5)
 
 
 # --- the bank ------------------------------------------------------------------------------------------
@@ -140,6 +145,31 @@ def test_grad_update_is_eq5_and_the_negative_bank_gradient():
     rest = torch.ones(N, dtype=torch.bool)
     rest[I] = False
     assert torch.equal(bank[rest], W[rest]) and torch.equal(plain[rest], W[rest])
+
+
+@pytest.mark.parametrize("chunk", [0, 5])
+@pytest.mark.parametrize("part", ["full", "l1", "l2"])
+def test_grad_update_from_the_whole_loss_is_the_negative_gradient_of_a_parametric_bank(part, chunk):
+    """--bank-grad full: z_hat_k = -tau dL/dw_{I_k} for L = sum_j CE_j + lambda SqrtKL_j (Eq. 13) of
+    the batch, u without gradient (Sec. 3.3.1), computed by autograd on a parametric float64 W, and
+    it differs from the CE-only update by SqrtKL's share."""
+    g = torch.Generator().manual_seed(2)
+    N, B, d, tau, m, lam = 15, 6, 8, 0.5, 0.3, 20.0
+    W = F.normalize(torch.randn(N, d, generator=g, dtype=torch.float64), dim=1)
+    Z = F.normalize(torch.randn(B, d, generator=g, dtype=torch.float64), dim=1)
+    I = torch.randperm(N, generator=g)[:B]
+    Wg = W.clone().requires_grad_()
+    ce, kl = _reference_loss(Z, Wg, I, tau, part)
+    (grad,) = torch.autograd.grad((ce + lam * kl).sum(), Wg)
+    expected = W.clone()
+    expected[I] = F.normalize(m * W[I] + (1 - m) * (-tau * grad[I]), dim=1)
+    bank = W.clone()
+    _, _, lse, H, _ = npid.instance_loss(Z, bank, I, tau, part, chunk)
+    npid.global_batch_update(bank, Z, I, lse, H, tau, m, kl_coef=lam * npid.SQRTKL_GRAD[part])
+    assert torch.allclose(bank, expected, atol=1e-12)
+    ce_only = W.clone()
+    npid.global_batch_update(ce_only, Z, I, lse, H, tau, m)
+    assert (ce_only[I] - bank[I]).abs().max() > 1e-3
 
 
 def _untrained_features(images, out_size, blocks=1, seed=0, bn="train"):
