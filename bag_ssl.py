@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import common
 
+METHOD = "bag_ssl"
 # per data set: (patch side, network input side). Tables 1-3: 14 -> 32 on CIFAR, 100 -> 224 on
 # in100; STL-10 and Tiny ImageNet are not in the paper: the CIFAR ratio 14/32.
 PATCH = {"cifar10": (14, 32), "cifar100": (14, 32), "synthetic": (14, 32), "tinyimagenet": (28, 64),
@@ -83,7 +84,7 @@ def resolve_args(argv=None):
     args.arch = args.arch or ("resnet50" if in100 else "resnet34")
     args.proj = args.proj or {"in100": "8192-8192-8192", "cifar100": "4096-512"}.get(args.dataset, "4096-128")
     args.inv_weight = args.inv_weight if args.inv_weight is not None else (1920.0 if in100 else 30.0)
-    args = common.resolve_common(args, "bag_ssl")
+    args = common.resolve_common(args, METHOD)
     image = args.image_size or common.IMAGE_SIZE.get(args.dataset) or 64
     ps, os_ = PATCH.get(args.dataset, (None, None))
     if args.multiscale:  # random resized crops of the whole image, resized to the image side
@@ -92,9 +93,7 @@ def resolve_args(argv=None):
     else:
         args.patch_size = args.patch_size or ps or round(image * 14 / 32)
         args.out_size = args.out_size or os_ or image
-        if args.patch_size > image:
-            common.fail(f"--patch-size {args.patch_size} does not fit the {image}px images")
-    args.stem = common.default_stem(args.dataset, args.out_size)
+    args.stem = common.default_stem(args.out_size)
     mean, std = common.data_stats(args.dataset)
     args.norm_mean, args.norm_std = list(mean), list(std)
     if args.patches < 2:
@@ -271,7 +270,7 @@ def main(argv=None):
     rank, world, device = common.init_distributed()
     torch.manual_seed(args.seed)
 
-    train = common.load_train_set(args)
+    train = common.load_train_set(args, patch_size=args.patch_size)
     model = BagNet(args.arch, args.stem, args.proj, args.pred_hidden if args.loss == "byol" else None).to(device)
     target = Target(model).to(device) if args.loss == "byol" else None
     if args.channels_last:
@@ -283,8 +282,8 @@ def main(argv=None):
     state = {"target": target.state_dict()} if target is not None else {}
     # the bag of patch embeddings (Sec. 3), or the whole image for the --multiscale baseline
     probe = common.probe_info(args.arch, args.stem, args.out_size, args.norm_mean, args.norm_std,
-                              patch_size=args.patch_size, proj=args.proj)
-    run = common.Run(args, model, optimizer, gen, train, probe, patches=n * B, state=state)
+                              "image" if args.multiscale else "bag", patch_size=args.patch_size, proj=args.proj)
+    run = common.Run(args, model, optimizer, gen, train, probe, inputs=n * B, state=state)
     if target is not None:
         target.load_state_dict(state["target"])  # the EMA target of the checkpoint on resume
         state["target"] = target.state_dict()  # live references: in-place EMA updates show in it

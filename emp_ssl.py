@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import common
 
+METHOD = "emp_ssl"
 # per data set: (patch side, network input side), Sec. 3 "settings"
 PATCH = {"cifar10": (16, 32), "cifar100": (16, 32), "synthetic": (16, 32), "tinyimagenet": (32, 64),
          "stl10": (48, 96), "in100": (112, 224)}
@@ -95,17 +96,18 @@ def augmentation(args):
 # --- model ----------------------------------------------------------------------------------
 
 
-def forward_checkpointed(backbone, x):
-    """backbone(x) recomputing activations block by block in backward (--grad-checkpoint):
-    only block inputs are kept. Each block sees the whole batch, so BatchNorm statistics and
-    gradients equal the plain forward (running statistics are updated twice per step)."""
+def forward_checkpointed(net, x):
+    """net(x) of any common.backbone keeping only each block's input, recomputing the rest in backward
+    (--grad-checkpoint): the same outputs and gradients (BatchNorm's running statistics move twice)."""
     from torch.utils.checkpoint import checkpoint
-    b = backbone
-    x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
-    for layer in (b.layer1, b.layer2, b.layer3, b.layer4):
-        for block in layer:
-            x = checkpoint(block, x, use_reentrant=False)
-    return torch.flatten(b.avgpool(x), 1)
+    if isinstance(net, common.PooledFeatures):
+        blocks, head = list(net.features), lambda y: y.mean((2, 3))
+    else:
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        blocks, head = [*net.layer1, *net.layer2, *net.layer3, *net.layer4], lambda y: torch.flatten(net.avgpool(y), 1)
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False)
+    return head(x)
 
 
 class EMPNet(nn.Module):
@@ -150,11 +152,11 @@ def rrc_file_views(files, generator, n, out_size, scale=(0.25, 0.25), ratio=(3 /
 
 def resolve_args(args):
     """Data-set dependent defaults (Sec. 3 settings): patch and input sides, stem, normalisation."""
-    args = common.resolve_common(args, "emp_ssl")
+    args = common.resolve_common(args, METHOD)
     ps, os_ = PATCH.get(args.dataset, (None, None))
     args.patch_size = args.patch_size or ps or (args.image_size or 64) // 2
     args.out_size = args.out_size or os_ or 2 * args.patch_size
-    args.stem = common.default_stem(args.dataset, args.out_size)
+    args.stem = common.default_stem(args.out_size)
     args.norm_mean = args.norm_std = [0.5, 0.5, 0.5]  # the official EMP-SSL normalisation
     return args
 
@@ -164,9 +166,7 @@ def main(argv=None):
     rank, world, device = common.init_distributed()
     torch.manual_seed(args.seed)
 
-    train = common.load_train_set(args)
-    if args.patch_size > train.size:
-        common.fail(f"--patch-size {args.patch_size} is larger than the {train.size}px images")
+    train = common.load_train_set(args, patch_size=args.patch_size)
     model = EMPNet(args.arch, args.stem, args.proj, args.grad_checkpoint).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -174,9 +174,9 @@ def main(argv=None):
     gen = common.make_generator(args.seed, rank, device)
     n, B = args.patches, args.batch_size
     aug = augmentation(args)
-    probe = common.probe_info(args.arch, args.stem, args.out_size, args.norm_mean, args.norm_std,  # Sec. 2's bag
+    probe = common.probe_info(args.arch, args.stem, args.out_size, args.norm_mean, args.norm_std, "bag",  # Sec. 2
                               patch_size=args.patch_size, proj=args.proj, aug=vars(aug))
-    run = common.Run(args, model, optimizer, gen, train, probe, patches=n * B)
+    run = common.Run(args, model, optimizer, gen, train, probe, inputs=n * B)
     net = common.wrap_ddp(model, device, not args.no_sync_bn)
     if args.compile:
         net = torch.compile(net)

@@ -94,13 +94,12 @@ def load_backbone(args):
         ds = args.dataset or "cifar10"
         size = args.image_size or common.IMAGE_SIZE.get(ds, 224)
         mean, std = common.data_stats(ds)
-        info = {**common.probe_info(args.arch or "resnet18", common.default_stem(ds, size), size, mean, std,
+        info = {**common.probe_info(args.arch or "resnet18", common.default_stem(size), size, mean, std, "bag",
                                     patch_size=size // 2), "dataset": ds, "method": "random", "data_dir": None}
         return random_backbone(info, args.seed), None, info
     ckpt = common.load_checkpoint(args.ckpt)
     targs = ckpt["args"]
-    info = {**(ckpt.get("probe") or legacy_probe(targs)), "dataset": targs["dataset"], "method": ckpt["method"],
-            "data_dir": targs.get("data_dir")}
+    info = {**ckpt["probe"], "dataset": targs["dataset"], "method": ckpt["method"], "data_dir": targs.get("data_dir")}
     if args.arch and args.arch != info["arch"]:
         common.fail(f"--arch {args.arch}: the checkpoint '{args.ckpt}' holds a {info['arch']}")
     backbone = common.backbone(info["arch"], info["stem"])
@@ -120,22 +119,9 @@ def load_backbone(args):
     return backbone, proj, info
 
 
-def legacy_probe(targs):
-    """probe_info of a checkpoint written before the probe was saved in it: from the run's args
-    (a multi-view run's own crop scale and grayscale; the projector biases it recorded)."""
-    views = None
-    if targs.get("method") == "multiaug_ssl":
-        views = multiview_views(targs["norm_mean"], targs["norm_std"], targs.get("p_gray", 0.2),
-                                targs.get("scale") or (0.08, 1.0))
-    return common.probe_info(targs["arch"], targs["stem"], targs["out_size"], targs["norm_mean"], targs["norm_std"],
-                             patch_size=targs.get("patch_size"), proj=targs.get("proj"),
-                             proj_bias=targs.get("proj_bias", True), views=views)
-
-
 def multiview_views(mean, std, p_gray=0.2, scale=(0.08, 1.0)):
-    """The multi-view paper's views (Ghosh et al. 2024, App. D: random resized crop of `scale`, flip,
-    jitter 0.4/0.4/0.4, grayscale p_gray): --mode views of a run whose method has none of its own (its
-    CIFAR views), or of a multiaug_ssl checkpoint older than the saved probe (its own scale and p_gray)."""
+    """The multi-view paper's CIFAR views (Ghosh et al. 2024, App. D: random resized crop of `scale`, flip,
+    jitter 0.4/0.4/0.4, grayscale p_gray): --mode views of a run whose method has no views of its own."""
     aug = common.AugConfig(jitter=(0.4, 0.4, 0.4, 0.0), p_gray=p_gray, p_blur=0.0, p_solarize=0.0, mean=mean, std=std)
     return {"scale": list(scale), "ratio": [3 / 4, 4 / 3], "aug": vars(aug)}
 
@@ -177,14 +163,6 @@ def sliding_boxes(image_size, size, stride):
     return torch.tensor([[t, l, size, size] for t in pos for l in pos]), len(pos)
 
 
-def random_boxes(n_images, patches, size, image_size, seed):
-    """--positions random: patch positions [patches, n_images, 4] drawn per image from seed, so a
-    repeated call gives the same positions."""
-    g = torch.Generator().manual_seed(seed)
-    tl = torch.randint(0, image_size - size + 1, (patches, n_images, 2), generator=g)
-    return torch.cat([tl, torch.full_like(tl, size)], 2)
-
-
 class Progress:
     """A line every ~10 s (and at the end) while features are extracted or a probe trains: done / total,
     rate, ETA, and what the caller adds (loss, lr, top-1)."""
@@ -211,9 +189,9 @@ def extract(args, embed, ds, device, info, name="", seed_offset=0):
     gen = torch.Generator(device=device).manual_seed(args.seed)
     aug = common.AugConfig(**info["aug"]) if info.get("aug") else common.AugConfig(mean=mean, std=std)  # --bag-augment
     if args.mode == "bag":
-        boxes = common.fixed_patch_boxes(args.patches, args.patch_size, ds.size, args.seed) \
-            if args.positions == "fixed" else random_boxes(len(ds), args.patches, args.patch_size, ds.size,
-                                                           args.seed + seed_offset)
+        g = torch.Generator().manual_seed(args.seed + seed_offset)  # --positions random: drawn per image
+        boxes = common.fixed_patch_boxes(args.patches, args.patch_size, ds.size, args.seed) if args.positions == "fixed" \
+            else common.patch_boxes(args.patches * len(ds), args.patch_size, ds.size, ds.size, g).reshape(args.patches, len(ds), 4)
     elif args.mode == "local":
         boxes, grid = sliding_boxes(ds.size, args.patch_size, args.stride)
     elif args.mode == "views":  # the views the run trained on (multiaug_ssl), else the multi-view paper's CIFAR views
@@ -229,7 +207,8 @@ def extract(args, embed, ds, device, info, name="", seed_offset=0):
             f = common.bag_of_features(embed, imgs, bx, out_size, mean, std,
                                        aug=aug if args.bag_augment else None, generator=gen)
         elif args.mode == "central":
-            f = embed(common.central_view(imgs, out_size, mean, std, args.out_size is not None or not info["patch_size"]))
+            side = out_size if args.out_size is not None or not info["patch_size"] else imgs.shape[-1]
+            f = embed(common.central_view(imgs, side, mean, std))
         elif args.mode == "local":
             x = common.resized_crops(imgs.float().div(255).repeat(len(boxes), 1, 1, 1),
                                      boxes.to(device).repeat_interleave(b, 0), out_size)
@@ -237,10 +216,7 @@ def extract(args, embed, ds, device, info, name="", seed_offset=0):
             h = h.reshape(grid, grid, b, -1).permute(2, 3, 0, 1)  # [b, D, grid, grid]
             f = F.avg_pool2d(h, kernel_size=3, stride=2).flatten(1)
         else:  # views
-            x = imgs.float().div(255)
-            clean = common.normalize(F.interpolate(x, size=(out_size, out_size), mode="bilinear", align_corners=False)
-                                     if x.shape[-1] != out_size else x, mean, std)
-            f = embed(clean).float()
+            f = embed(common.central_view(imgs, out_size, mean, std)).float()
             if args.views > 1:
                 v, _ = common.sample_views(imgs, args.views - 1, out_size, tuple(views["scale"]),
                                             tuple(views["ratio"]), generator=gen)
@@ -368,15 +344,15 @@ def main(argv=None):
     if args.data_dir is None:
         args.data_dir = info.get("data_dir") if args.dataset == info["dataset"] and info.get("data_dir") \
             else os.path.join("data", args.dataset)
-    args.mode = args.mode or info["mode"]
+    args.mode = args.mode or ("bag" if info["represent"] == "bag" else "central")
     if args.compare_random and args.feature != "backbone":
         common.fail("--compare-random compares backbone features: drop --feature head1")
     if args.linear_aug and args.mode != "central":
         common.fail("--linear-aug probes the whole image: use it with --mode central")
     args.patch_size = args.patch_size or info["patch_size"] or 16
     size = args.image_size or common.IMAGE_SIZE.get(args.dataset)
-    if size and args.mode in ("bag", "local") and args.patch_size > size:
-        common.fail(f"--patch-size {args.patch_size} is larger than the {size}px images")
+    if size and args.mode in ("bag", "local"):
+        common.check_patch(args.patch_size, size)
     out_dir = args.out or (os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt != "random"
                            else os.path.join("runs", f"random-{info['arch']}-{args.dataset}"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 import common
 
+METHOD = "multiaug_ssl"
 
 def parse_args(argv=None):
     p = common.base_parser(__doc__, epochs=100, batch_size=None, lr=1e-3, weight_decay=1e-6, arch=None,
@@ -250,19 +251,16 @@ def train_fraction_indices(n, fraction, seed=0):
 
 
 def main(argv=None):
-    args = common.resolve_common(parse_args(argv), "multiaug_ssl")  # parse_args checks the method's flags
+    args = common.resolve_common(parse_args(argv), METHOD)  # parse_args checks the method's flags
     args.arch = args.arch or ("resnet18" if args.dataset == "in100" else "resnet50")
     rank, world, device = common.init_distributed()
     torch.manual_seed(args.seed)
 
-    train = common.load_train_set(args)
-    if args.train_fraction < 1:
-        train = train.subset(train_fraction_indices(len(train), args.train_fraction))
-        if common.steps_per_epoch(len(train), args.batch_size) == 0:
-            common.fail(f"--batch-size {args.batch_size} is larger than the {len(train)} images of --train-fraction")
+    train = common.load_train_set(args, subset=(lambda n: train_fraction_indices(n, args.train_fraction))
+                                  if args.train_fraction < 1 else None)
     args.train_images = len(train)
     args.out_size = args.out_size or train.size
-    args.stem = common.default_stem(args.dataset, args.out_size)
+    args.stem = common.default_stem(args.out_size)
     args.norm_mean, args.norm_std = (list(s) for s in common.data_stats(args.dataset))
     model = MultiViewNet(args.arch, args.stem, args.pdim).to(device)
     if args.channels_last:
@@ -272,9 +270,9 @@ def main(argv=None):
     M, B = args.views, args.batch_size
     aug = augmentation(args)
     views = {"scale": list(args.scale), "ratio": [3 / 4, 4 / 3], "aug": vars(aug)}  # eval_linear --mode views
-    probe = common.probe_info(args.arch, args.stem, args.out_size, args.norm_mean, args.norm_std,
+    probe = common.probe_info(args.arch, args.stem, args.out_size, args.norm_mean, args.norm_std, "image",
                               proj=f"{args.pdim}-{args.pdim}", proj_bias=PROJ_BIAS, views=views)
-    run = common.Run(args, model, optimizer, gen, train, probe, patches=M * B)
+    run = common.Run(args, model, optimizer, gen, train, probe, inputs=M * B)
     net = common.wrap_ddp(model, device, not args.no_sync_bn)
     if args.compile:
         net = torch.compile(net)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 import common
 
+METHOD = "npid_sqrtkl"
 
 def parse_args(argv=None):
     p = common.base_parser(__doc__, epochs=None, batch_size=512, lr=0.1, weight_decay=1e-4,
@@ -199,14 +200,6 @@ def global_batch_update(bank, z, idx, lse, H, tau, m=0.5, grad_update=True, kl_c
     update_bank(bank, common.all_gather_nograd(z), common.all_gather_nograd(G), I, m, grad_update)
 
 
-def whole_view(images, out_size, mean, std):
-    """The whole uint8 image resized to the network input, normalised: no augmentation."""
-    x = images.float().div(255)
-    if x.shape[-1] != out_size:
-        x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", align_corners=False)
-    return common.normalize(x, mean, std)
-
-
 @torch.no_grad()
 def calibrate(model, train, out_size, mean, std, device, chunk=512, workers=0, bn="eval"):
     """Feature Calibrate (Sec. 3.2): w_i = z_i^(0), the untrained network's normalised output for
@@ -231,7 +224,7 @@ def calibrate(model, train, out_size, mean, std, device, chunk=512, workers=0, b
     bank = torch.zeros(n, model.projector[-1].out_features, device=device)
     for b in range(rank, blocks, world):
         imgs = train.get(torch.arange(bounds[b], bounds[b + 1]), workers).to(device)
-        bank[bounds[b]:bounds[b + 1]] = model(whole_view(imgs, out_size, mean, std)).float()
+        bank[bounds[b]:bounds[b + 1]] = model(common.central_view(imgs, out_size, mean, std)).float()
     for k, v in model.named_buffers():
         v.copy_(buffers[k])
     model.train(was_training)
@@ -275,13 +268,13 @@ class NPIDNet(nn.Module):
 
 
 def main(argv=None):
-    args = common.resolve_common(parse_args(argv), "npid_sqrtkl")
+    args = common.resolve_common(parse_args(argv), METHOD)
     rank, world, device = common.init_distributed()
     torch.manual_seed(args.seed)
 
     train = common.load_train_set(args)
     args.out_size = args.out_size or train.size
-    args.stem = common.default_stem(args.dataset, args.out_size)
+    args.stem = common.default_stem(args.out_size)
     args.norm_mean, args.norm_std = (list(v) for v in common.data_stats(args.dataset))
     model = NPIDNet(args.arch, args.stem, args.proj).to(device)
     if args.channels_last:
@@ -290,8 +283,8 @@ def main(argv=None):
     gen = common.make_generator(args.seed, rank, device)
     B, tau = args.batch_size, args.temperature
     state = {}  # the memory bank W; checkpointed, restored by --resume
-    probe = common.probe_info(args.arch, args.stem, args.out_size, args.norm_mean, args.norm_std, proj=args.proj)
-    run = common.Run(args, model, optimizer, gen, train, probe, patches=B, state=state)
+    probe = common.probe_info(args.arch, args.stem, args.out_size, args.norm_mean, args.norm_std, "image", proj=args.proj)
+    run = common.Run(args, model, optimizer, gen, train, probe, inputs=B, state=state)
     if "bank" not in state:  # a fresh run: Feature Calibrate (Sec. 3.2), or NPID's random bank
         state["bank"] = random_bank(len(train), model.projector[-1].out_features, args.seed) if args.no_calibrate \
             else calibrate(model, train, args.out_size, args.norm_mean, args.norm_std, device, workers=args.workers,
