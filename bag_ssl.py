@@ -43,29 +43,24 @@ def parse_args(argv=None):
                            arch_help="backbone (App. C.1: resnet34 on CIFAR; C.2: resnet50 on in100)")
     a = p.add_argument
     a("--loss", default="vicreg", choices=LOSSES, help="joint-embedding objective (Sec. 4: all four; App. C.1)")
-    a("--patches", type=common.COUNT, default=2, help="patches (views) per image (Sec. 4.1: two patches per image)")
+    a("--patches", type=common.Number(int, 2, 10 ** 9, says="at least 2"), default=2,
+      help="patches (views) per image (Sec. 4.1: two patches per image)")
     a("--patch-size", type=common.COUNT, default=None, help="patch side in px (Tables 1-3: 14 on CIFAR, 100 on in100)")
     a("--out-size", type=common.COUNT, default=None, help="side the views are resized to (Sec. 4.1: 32 on CIFAR; 224 on in100)")
-    a("--multiscale", action="store_true",
-      help="baseline: RandomResizedCrop(scale 0.08-1) views instead of fixed-scale patches (Tables 1-3)")
+    a("--multiscale", action="store_true", help="baseline: RandomResizedCrop(0.08-1) views, not patches (Tables 1-3)")
     a("--proj", default=None,
       help="projector dims (App. C.1: 4096-128 CIFAR-10, 4096-512 CIFAR-100; C.2: 8192-8192-8192 in100)")
     a("--warmup-epochs", type=common.COUNT0, default=10,
       help="linear warm-up epochs before the cosine decay to 0 (App. C: 10; capped at half of a short run)")
     a("--eta", type=common.POSITIVE, default=0.005,
       help="LARS trust coefficient (not in the paper; 0.005 as the same group's official EMP-SSL code)")
-    # VICReg (Bardes et al. 2021), App. C.1: invariance / variance / covariance 25 / 25 / 1
     a("--sim-coeff", type=common.NONNEG, default=25.0, help="vicreg: invariance weight (App. C.1: 25)")
     a("--std-coeff", type=common.NONNEG, default=25.0, help="vicreg: variance weight (App. C.1: 25)")
     a("--cov-coeff", type=common.NONNEG, default=1.0, help="vicreg: covariance weight (App. C.1: 1)")
-    # SimCLR (Chen et al. 2020)
     a("--temperature", type=common.POSITIVE, default=0.1, help="simclr: NT-Xent temperature (App. C.1: 0.1)")
-    # TCR (Li et al. 2022; the EMP-SSL objective with n views)
     a("--inv-weight", type=common.NONNEG, default=None, help="tcr: lambda (App. C.1: 30 on CIFAR; C.2: 1920 on in100)")
-    a("--eps2", type=common.POSITIVE, default=0.2,
-      help="tcr: epsilon^2 of the coding rate, d / (b eps2) (App. C.1's 'epsilon is set to 0.2' read as the "
-           "official EMP-SSL code of the same group reads its eps=0.2: it enters as d / (b eps), i.e. eps^2 = 0.2)")
-    # BYOL (Grill et al. 2020)
+    a("--eps2", type=common.POSITIVE, default=0.2, help="tcr: epsilon^2 of the coding rate, d / (b eps2) (App. C.1's "
+      "'epsilon is set to 0.2' read as the same group's EMP-SSL code reads its eps=0.2: eps^2 = 0.2)")
     a("--pred-hidden", type=common.COUNT, default=4096, help="byol: predictor hidden width (BYOL Sec. 3.3: 4096)")
     a("--tau-base", type=common.PROB, default=0.99,
       help="byol: EMA momentum at step 0, cosine to 1 (BYOL Sec. 3.2; 0.99 as solo-learn's CIFAR config)")
@@ -94,10 +89,7 @@ def resolve_args(argv=None):
         args.patch_size = args.patch_size or ps or round(image * 14 / 32)
         args.out_size = args.out_size or os_ or image
     args.stem = common.default_stem(args.out_size)
-    mean, std = common.data_stats(args.dataset)
-    args.norm_mean, args.norm_std = list(mean), list(std)
-    if args.patches < 2:
-        common.fail("--patches must be at least 2 (two views per image)")
+    args.norm_mean, args.norm_std = (list(v) for v in common.data_stats(args.dataset))
     return args
 
 
@@ -112,9 +104,8 @@ def sample(imgs, args, generator=None):
 
 
 def byol_augs(args):
-    """BYOL's asymmetric augmentations (App. C.1 -> Grill et al. Table 6): flip, jitter
-    0.4/0.4/0.2/0.1 with p 0.8, grayscale 0.2; blur p 1.0 / 0.1 (sigma 0.1-2 px; --no-blur: none) and
-    solarize p 0.0 / 0.2 on views 1 / 2."""
+    """BYOL's asymmetric augmentations (App. C.1 -> Grill et al. Table 6): flip, jitter 0.4/0.4/0.2/0.1 p 0.8,
+    grayscale 0.2; blur p 1.0 / 0.1 (sigma 0.1-2 px; --no-blur: none), solarize p 0.0 / 0.2 on views 1 / 2."""
     common_kw = dict(flip=0.5, jitter=(0.4, 0.4, 0.2, 0.1), p_jitter=0.8, p_gray=0.2, blur_sigma=(0.1, 2.0),
                      mean=args.norm_mean, std=args.norm_std)
     return (common.AugConfig(p_blur=1.0 if args.blur else 0.0, p_solarize=0.0, **common_kw),
@@ -146,8 +137,7 @@ def vicreg(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
 
 
 def simclr(z1, z2, temperature=0.1):
-    """NT-Xent (Chen et al. 2020, Eq. 1): each of the 2B projections must pick its other view
-    among the 2B - 1 others of the global batch, cosine similarity / temperature."""
+    """NT-Xent (Chen et al. 2020, Eq. 1): each of the 2B projections picks its other view by cosine / T."""
     B = len(z1)
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     s = (z @ z.T / temperature).masked_fill(torch.eye(2 * B, dtype=torch.bool, device=z.device), float("-inf"))
@@ -156,8 +146,7 @@ def simclr(z1, z2, temperature=0.1):
 
 
 def total_coding_rate(Z, eps2):
-    """R(Z) = 1/2 logdet(I + d/(b eps2) Z^T Z) of each view in Z [n, b, d] (EMP-SSL Eq. 1;
-    Li et al. 2022), with the smaller of the d x d and b x b Gram matrices (Sylvester)."""
+    """R(Z) = 1/2 logdet(I + d/(b eps2) Z^T Z) of each view in Z [n, b, d] (EMP-SSL Eq. 1), smaller Gram form."""
     n, b, d = Z.shape
     gram = Z.transpose(1, 2) @ Z if d <= b else Z @ Z.transpose(1, 2)
     I = torch.eye(gram.shape[-1], device=Z.device, dtype=Z.dtype)
@@ -165,8 +154,7 @@ def total_coding_rate(Z, eps2):
 
 
 def tcr(Z, eps2=0.2, lam=30.0):
-    """TCR objective as EMP-SSL Eq. (2) with n views (App. C.1: lam 30, eps 0.2):
-    -(1/n) sum_i [ R(Z_i) + lam * mean cos(Z_i, Z_bar) ], on L2-normalised projections."""
+    """TCR as EMP-SSL Eq. (2) with n views (App. C.1: lam 30, eps 0.2), on L2-normalised projections."""
     Z = F.normalize(Z, dim=-1)
     Z_bar = Z.mean(0)
     R = total_coding_rate(Z, eps2)
@@ -175,17 +163,15 @@ def tcr(Z, eps2=0.2, lam=30.0):
 
 
 def byol(p1, p2, t1, t2):
-    """BYOL (Grill et al. 2020, Eq. 2): normalised MSE between each view's online prediction
-    and the other view's target projection, symmetrised (L + L~); targets carry no gradient."""
-    def nmse(p, t):
-        return (2 - 2 * F.cosine_similarity(p, t.detach(), dim=-1)).mean()
-    return {"loss": nmse(p1, t2) + nmse(p2, t1)}
+    """BYOL (Grill et al. 2020, Eq. 2): normalised MSE of each view's online prediction to the other view's
+    target projection, symmetrised (L + L~); targets carry no gradient."""
+    nmse = [(2 - 2 * F.cosine_similarity(p, t.detach(), dim=-1)).mean() for p, t in ((p1, t2), (p2, t1))]
+    return {"loss": nmse[0] + nmse[1]}
 
 
 def bag_loss(Z, T, args):
-    """The --loss objective on view-major global projections Z [n, B, d] (BYOL: online
-    predictions, with target projections T). Two-view losses average over the n(n-1)/2 pairs
-    of views (n = 2 in the paper: the plain loss)."""
+    """The --loss objective on view-major global projections Z [n, B, d] (BYOL: online predictions, with
+    target projections T); two-view losses average over the n(n-1)/2 pairs (n = 2 in the paper)."""
     with torch.autocast(Z.device.type, enabled=False):  # covariance, softmax, log-det in float32 under bf16
         Z = Z.float()
         if args.loss == "tcr":
@@ -202,8 +188,7 @@ def bag_loss(Z, T, args):
 
 
 def global_loss(z, t, args):
-    """Gather this rank's view-major rows z [n*b, d] (and BYOL targets t) into the global batch
-    (gradients flow back to every rank, as the official VICReg code), then the loss."""
+    """This rank's view-major rows z [n*b, d] (and BYOL targets t) gathered into the global batch, then the loss."""
     n = args.patches
     Z = common.gather_views(z, n).reshape(n, -1, z.shape[1])
     T = common.gather_views(t, n).reshape(n, -1, t.shape[1]) if t is not None else None
@@ -214,9 +199,8 @@ def global_loss(z, t, args):
 
 
 class BagNet(nn.Module):
-    """ResNet backbone f -> projector g (App. C.1: Linear-BN-ReLU, Linear); BYOL adds the
-    predictor q (Linear-BN-ReLU-Linear, 4096 hidden). forward returns what the loss compares:
-    the projection z, or BYOL's prediction q(z)."""
+    """ResNet backbone f -> projector g (App. C.1: Linear-BN-ReLU, Linear); BYOL adds the predictor q
+    (Linear-BN-ReLU-Linear, 4096 hidden). forward returns what the loss compares: z, or BYOL's q(z)."""
 
     def __init__(self, arch, stem, proj, pred_hidden=None):
         super().__init__()
@@ -231,8 +215,7 @@ class BagNet(nn.Module):
 
 
 class Target(nn.Module):
-    """BYOL's target network xi: an EMA copy of the online backbone and projector. Not part of
-    the optimised model (no gradient, not in the optimiser); saved as method state."""
+    """BYOL's target network xi: an EMA copy of the online backbone and projector, not optimised; method state."""
 
     def __init__(self, model):
         super().__init__()
@@ -252,8 +235,7 @@ def byol_tau(k, K, tau_base):
 @torch.no_grad()
 def ema_update(target, model, tau):
     """xi <- tau xi + (1 - tau) theta (BYOL Eq. 1), over backbone and projector parameters."""
-    online = [*model.backbone.parameters(), *model.projector.parameters()]
-    for xi, theta in zip(target.parameters(), online):
+    for xi, theta in zip(target.parameters(), [*model.backbone.parameters(), *model.projector.parameters()]):
         xi.mul_(tau).add_(theta.detach(), alpha=1 - tau)
 
 

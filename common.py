@@ -966,6 +966,34 @@ def host_memory():
         return None
 
 
+_HELD = []  # the run folder's lock file, open for the life of the process
+
+
+def lock_run_folder(out):
+    """One process trains in a run folder: rank 0 holds an flock on <out>/.lock for its life (the OS drops
+    it when the process ends, killed or not); another process on the folder is one line naming the holder."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    import fcntl
+    import socket
+    os.makedirs(out, exist_ok=True)
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        fail(f"{out} is in use by another run ({f.read().strip() or 'a process'}): wait for it or choose another --out")
+    f.truncate(0)
+    f.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
+    f.flush()
+    _HELD.append(f)
+
+
+def write_metrics(out, record):
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def start_metrics(args, steps):
     """A fresh run's args.json and empty metrics.jsonl; a resumed run's metrics.jsonl without the lines
     logged after its checkpoint at `steps` (a torn last line too), so that every step appears once."""
@@ -1004,6 +1032,7 @@ class Run:
         self.device = next(model.parameters()).device
         self.bad = torch.zeros((), dtype=torch.long, device=self.device)  # the first non-finite step, 0: none
         check_memory(self)
+        lock_run_folder(args.out)
         Run.active = self
         if args.resume and os.path.exists(self.path):
             self._resume()
@@ -1068,8 +1097,8 @@ class Run:
             rate, eta = self.n_line / max(now - self.t_line, 1e-9), (now - self.t0) / (s - self.s0) * (self.last - s)
             print(f"epoch {self.epoch} step {s}/{self.last} " + " ".join(f"{k} {v:.4f}" for k, v in terms.items())
                   + f" lr {lr:.4g} {self.unit}/s {rate:.0f} eta {eta / 60:.1f} min", flush=True)
-            self.write({"epoch": self.epoch, "step": s, **terms, "lr": lr, f"{self.unit}_per_s": rate,
-                        "elapsed_s": now - self.t0})
+            write_metrics(a.out, {"epoch": self.epoch, "step": s, **terms, "lr": lr, f"{self.unit}_per_s": rate,
+                                  "elapsed_s": now - self.t0})
             self.t_line, self.n_line = now, 0
         if s % a.save_every == 0 or sig:
             self.save()
@@ -1106,10 +1135,6 @@ class Run:
                          "probe": self.probe}, self.path)
         self.saved = self.steps
 
-    def write(self, record):
-        with open(os.path.join(self.args.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-
     def _knn_probe(self):
         """--eval-every: quick_knn on the run's default representation, by rank 0, into metrics.jsonl."""
         if is_main():
@@ -1118,7 +1143,8 @@ class Run:
             self.model.eval()
             acc = quick_knn(lambda imgs: probe_features(backbone, imgs, self.probe), self.train, self.test, self.device)
             self.model.train()
-            self.write({"epoch": self.epoch + 1, "step": self.steps, "knn_top1": acc, "elapsed_s": time.time() - self.t0})
+            write_metrics(a.out, {"epoch": self.epoch + 1, "step": self.steps, "knn_top1": acc,
+                                  "elapsed_s": time.time() - self.t0})
             print(f"epoch {self.epoch + 1} knn top-1 {acc:.2f}", flush=True)
         if dist.is_initialized():
             dist.barrier()

@@ -42,7 +42,7 @@ def parse_args(argv=None):
     a("--out-size", type=common.COUNT, default=None, help="side the patches are resized to (Sec. 3: 32 on CIFAR, 224 on in100)")
     a("--inv-weight", type=common.NONNEG, default=200.0, help="lambda, weight of the invariance term (Eq. 2: 200)")
     a("--eps2", type=common.POSITIVE, default=0.2, help="epsilon^2 of the coding rate (Eq. 1: 0.2)")
-    a("--proj", default="4096-512", help="projector dims (Sec. 2: 4096-512; official code: 4096-4096-1024)")
+    a("--proj", default="4096-512", help="projector dims, Linear-BN-ReLU between Linears (Sec. 3: 4096-512; official code: 4096-4096-1024)")
     a("--eta", type=common.POSITIVE, default=0.005, help="LARS trust coefficient (official code: 0.005)")
     a("--grad-checkpoint", action="store_true", help="recompute backbone activations in backward (CIFAR: 200 patches x batch 100 on one GPU; in100 needs several)")
     a("--patch-sampler", default="paper", choices=["paper", "official"],

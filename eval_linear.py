@@ -1,13 +1,8 @@
-"""Frozen-backbone probes for every effssl checkpoint.
-
-Features are computed once with the backbone frozen in eval mode, then probed by
-  - a linear layer (EMP-SSL protocol: 100 epochs, SGD lr 0.03, momentum 0.9, wd 5e-5, batch
-    100, cosine; `--linear-opt adam` for the multi-view paper's probe), top-1 of the LAST epoch;
-  - weighted k-NN (NPID protocol, Wu et al. 2018, arXiv:1805.01978: cosine similarity, vote
-    weight exp(s/T), T = 0.07, k = 20, 200).
-`--linear-aug` is the probe NPID + SqrtKL reports (Cao & Wu 2024, arXiv:2404.19289, after SSQL):
-augmented train images (RandomResizedCrop(0.08, 1) + flip) go through the frozen backbone every
-epoch; SGD lr 30, no weight decay, 100 epochs, lr x0.1 at epochs 60 and 80, batch 128.
+"""Frozen-backbone probes for every effssl checkpoint: features of the frozen backbone (eval mode), then
+  - a linear layer, top-1 of the LAST epoch: EMP-SSL's protocol (SGD lr 0.03, 100 epochs, cosine), the
+    multi-view paper's (--linear-opt adam) or NPID + SqrtKL's (--linear-aug: Cao & Wu 2024,
+    arXiv:2404.19289, after SSQL: a fresh augmented view of every train image each epoch, SGD lr 30);
+  - weighted k-NN (NPID, Wu et al. 2018, arXiv:1805.01978: cosine, vote weight exp(s/T), T 0.07, k 20, 200).
 Image representations (--mode):
   bag      mean backbone embedding of P patches (EMP-SSL, Tong et al. 2023, arXiv:2304.03977,
            Sec. 2 "Bag-of-Feature Model"). --positions fixed: the same P positions in every image
@@ -25,6 +20,7 @@ checkpoint, eval-<setting>.json, so probes never overwrite each other.
     python eval_linear.py --ckpt runs/emp1 --probe knn --compare-random   # trained vs random init
     python eval_linear.py --ckpt random --arch resnet18 --dataset cifar10 --mode bag --patches 128
 """
+import functools
 import json
 import os
 import time
@@ -164,21 +160,17 @@ def sliding_boxes(image_size, size, stride):
 
 
 class Progress:
-    """A line every ~10 s (and at the end) while features are extracted or a probe trains: done / total,
-    rate, ETA, and what the caller adds (loss, lr, top-1)."""
+    """A line every ~10 s and at the end: done / total, rate, ETA, and what the caller adds (loss, top-1)."""
 
-    def __init__(self, name, total, every=10.0, unit="images"):
-        self.name, self.total, self.every, self.unit = name, total, every, unit
-        self.t0 = self.tl = time.time()
+    def __init__(self, name, total, unit="images"):
+        self.name, self.total, self.unit, self.t0, self.tl = name, total, unit, time.time(), time.time()
 
     def update(self, done, extra=""):
         now = time.time()
-        if now - self.tl < self.every and done < self.total:
-            return
-        rate = done / max(now - self.t0, 1e-9)
-        print(f"  {self.name}: {done}/{self.total} {self.unit}{extra}, {rate:.{0 if self.unit == 'images' else 2}f} "
-              f"{self.unit}/s, eta {(self.total - done) / max(rate, 1e-9) / 60:.1f} min", flush=True)
-        self.tl = now
+        if now - self.tl >= 10 or done >= self.total:
+            rate, self.tl = done / max(now - self.t0, 1e-9), now
+            print(f"  {self.name}: {done}/{self.total} {self.unit}{extra}, {rate:.{0 if self.unit == 'images' else 2}f} "
+                  f"{self.unit}/s, eta {(self.total - done) / max(rate, 1e-9) / 60:.1f} min", flush=True)
 
 
 @torch.no_grad()
@@ -227,28 +219,33 @@ def extract(args, embed, ds, device, info, name="", seed_offset=0):
     return torch.cat(feats)
 
 
-def linear_probe(args, tr_f, tr_y, te_f, te_y, num_classes, device):
-    """Train a linear layer on fixed features; top-1 on the test split after each epoch."""
-    adam = args.linear_opt == "adam"
+def linear_probe(args, feats, labels, te_f, te_y, num_classes, device):
+    """A linear layer on frozen features; top-1 on the test split after each epoch. feats(idx): the
+    features of train images idx, fixed or (--linear-aug) of a fresh augmented view each epoch.
+    Defaults: SGD lr 0.03, wd 5e-5, batch 100, cosine, 100 epochs (EMP-SSL); Adam lr 1e-3, wd 1e-6,
+    batch 512, label smoothing 0.1, 200 epochs (--linear-opt adam, the multi-view paper); SGD lr 30,
+    wd 0, batch 128, lr x0.1 at 60 % and 80 % of 100 epochs (--linear-aug, NPID + SqrtKL after SSQL)."""
+    adam, aug = args.linear_opt == "adam", args.linear_aug
     epochs = args.linear_epochs or (200 if adam else 100)
-    lr = args.linear_lr or (1e-3 if adam else 0.03)
-    wd = args.linear_wd if args.linear_wd is not None else (1e-6 if adam else 5e-5)
-    bs = args.linear_batch or (512 if adam else 100)
+    lr = args.linear_lr or (1e-3 if adam else 30.0 if aug else 0.03)
+    wd = args.linear_wd if args.linear_wd is not None else (1e-6 if adam else 0.0 if aug else 5e-5)
+    bs = args.linear_batch or (512 if adam else 128 if aug else 100)
     ls = args.label_smoothing if args.label_smoothing is not None else (0.1 if adam else 0.0)
     torch.manual_seed(args.seed)
-    clf = nn.Linear(tr_f.shape[1], num_classes).to(device)
+    clf = nn.Linear(te_f.shape[1], num_classes).to(device)
     opt = torch.optim.Adam(clf.parameters(), lr=lr, weight_decay=wd) if adam else \
         torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
-    steps = epochs * ((len(tr_f) + bs - 1) // bs)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if not adam else None  # adam: constant lr
-    tr_f, tr_y, te_f, te_y = tr_f.to(device), tr_y.to(device), te_f.to(device), te_y.to(device)
+    per_epoch = (len(labels) + bs - 1) // bs
+    sched = None if adam else torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * per_epoch) if not aug else \
+        torch.optim.lr_scheduler.MultiStepLR(opt, [round(m * epochs) * per_epoch for m in (0.6, 0.8)], gamma=0.1)
+    te_f, te_y, labels = te_f.to(device), te_y.to(device), labels.to(device)
     g = torch.Generator().manual_seed(args.seed)
     accs, progress = [], Progress("linear probe", epochs, unit="epochs")
     for epoch in range(epochs):
-        perm = torch.randperm(len(tr_f), generator=g).to(device)
-        for s in range(0, len(tr_f), bs):
+        perm = torch.randperm(len(labels), generator=g)
+        for s in range(0, len(labels), bs):
             idx = perm[s:s + bs]
-            loss = F.cross_entropy(clf(tr_f[idx]), tr_y[idx], label_smoothing=ls)
+            loss = F.cross_entropy(clf(feats(idx)), labels[idx.to(device)], label_smoothing=ls)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -261,42 +258,14 @@ def linear_probe(args, tr_f, tr_y, te_f, te_y, num_classes, device):
     return accs
 
 
-def linear_aug_probe(args, embed, train, te_f, te_y, info, device):
-    """NPID + SqrtKL's probe (Cao & Wu 2024, Sec. 4.1, after SSQL): each epoch, every train image
-    gets a fresh RandomResizedCrop(0.08, 1) + flip through the frozen backbone; SGD momentum 0.9,
-    lr 30, no weight decay, lr x0.1 at 60 % and 80 % of the epochs (60, 80 of 100), batch 128.
-    Test features are the central view. Top-1 on the test split after each epoch."""
-    epochs = args.linear_epochs or 100
-    lr = args.linear_lr or 30.0
-    wd = args.linear_wd if args.linear_wd is not None else 0.0
-    bs = args.linear_batch or 128
-    mean, std, out_size = info["mean"], info["std"], args.out_size or info["out_size"]
-    flip = common.AugConfig(flip=0.5, p_jitter=0.0, p_gray=0.0, p_blur=0.0, p_solarize=0.0, mean=mean, std=std)
-    torch.manual_seed(args.seed)
-    clf = nn.Linear(te_f.shape[1], train.num_classes).to(device)
-    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [round(0.6 * epochs), round(0.8 * epochs)], gamma=0.1)
-    g = torch.Generator().manual_seed(args.seed)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    te_f, te_y = te_f.to(device), te_y.to(device)
-    accs = []
-    for epoch in range(epochs):
-        perm = torch.randperm(len(train), generator=g)
-        for s in range(0, len(train), bs):
-            idx = perm[s:s + bs]
-            imgs = train.get(idx, args.workers).to(device)
-            x, _ = common.sample_views(imgs, 1, out_size, scale=(0.08, 1.0), generator=gen)
-            with torch.no_grad():
-                f = embed(common.augment(x, flip, gen)).float()
-            loss = F.cross_entropy(clf(f), train.labels[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sched.step()
-        with torch.no_grad():
-            accs.append((clf(te_f).argmax(1) == te_y).float().mean().item() * 100)
-        print(f"  linear-aug epoch {epoch + 1}/{epochs}: top-1 {accs[-1]:.2f}", flush=True)
-    return accs
+@torch.no_grad()
+def augmented_features(args, embed, train, info, device, gen, idx):
+    """--linear-aug: features of a fresh RandomResizedCrop(0.08, 1) + flip of train images idx (after SSQL)."""
+    x, _ = common.sample_views(train.get(idx, args.workers).to(device), 1, args.out_size or info["out_size"],
+                               scale=(0.08, 1.0), generator=gen)
+    flip = common.AugConfig(flip=0.5, p_jitter=0.0, p_gray=0.0, p_blur=0.0, p_solarize=0.0, mean=info["mean"],
+                            std=info["std"])
+    return embed(common.augment(x, flip, gen)).float()
 
 
 def probe_all(args, embed, train, test, device, info, ks, probes, name):
@@ -316,17 +285,17 @@ def probe_all(args, embed, train, test, device, info, ks, probes, name):
             # printed now, so that a probe stopped during the linear one keeps its k-NN figures
             print(f"  k-NN k={k} ({name}): {result['knn'][f'k{k}']:.2f}", flush=True)
     if "linear" in probes:
-        if args.linear_aug:
-            accs = linear_aug_probe(args, embed, train, te_f, test.labels, info, device)
-        else:
-            accs = linear_probe(args, tr_f, train.labels, te_f, test.labels, train.num_classes, device)
+        feats = (lambda idx: tr_f[idx].to(device)) if not args.linear_aug else functools.partial(
+            augmented_features, args, embed, train, info, device, torch.Generator(device=device).manual_seed(args.seed))
+        accs = linear_probe(args, feats, train.labels, te_f, test.labels, train.num_classes, device)
         result["linear"] = {"last": accs[-1], "best": max(accs), "epochs": len(accs),
                             "opt": "sgd-aug" if args.linear_aug else args.linear_opt}
     return result
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def resolve(args):
+    """Check the flags against the checkpoint and fill what they leave open: (backbone, projector head,
+    the run's probe info, the probes, the k of k-NN)."""
     probes = [p for p in args.probe.split(",") if p]
     if not probes or set(probes) - {"linear", "knn"}:
         common.fail(f"--probe takes linear and/or knn, not '{args.probe}'")
@@ -339,8 +308,7 @@ def main(argv=None):
     backbone, proj, info = load_backbone(args)
     if args.train_dataset and args.train_dataset != info["dataset"]:
         common.fail(f"--train-dataset {args.train_dataset}: the checkpoint was trained on {info['dataset']}")
-    args.trained_on = info["dataset"]
-    args.dataset = args.dataset or info["dataset"]
+    args.trained_on, args.dataset = info["dataset"], args.dataset or info["dataset"]
     if args.data_dir is None:
         args.data_dir = info.get("data_dir") if args.dataset == info["dataset"] and info.get("data_dir") \
             else os.path.join("data", args.dataset)
@@ -353,6 +321,41 @@ def main(argv=None):
     size = args.image_size or common.IMAGE_SIZE.get(args.dataset)
     if size and args.mode in ("bag", "local"):
         common.check_patch(args.patch_size, size)
+    return backbone, proj, info, probes, ks
+
+
+def report(args, result, out_dir):
+    """The table (trained, random init, gain) and the setting's result file, written atomically (the
+    probes of an earlier call of the same setting that did not run now are kept)."""
+    rnd = result.get("random", {})
+    rows = [(f"k-NN k={k[1:]}", v, rnd.get("knn", {}).get(k)) for k, v in result.get("knn", {}).items()]
+    if "linear" in result:
+        rows.append(("linear (last epoch)", result["linear"]["last"], rnd.get("linear", {}).get("last")))
+    print(f"{'top-1 %':<22}{'trained':>9}" + (f"{'random':>9}{'gain':>8}" if rnd else ""))
+    for label, v, r in rows:
+        print(f"{label:<22}{v:9.2f}" + (f"{r:9.2f}{v - r:+8.2f}" if r is not None else ""))
+    if "linear" in result:
+        print(f"(linear, best epoch on the test split, which flatters: {result['linear']['best']:.2f})")
+    path = os.path.join(out_dir, f"eval-{setting_name(args)}.json")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(path):
+            with open(path) as f:
+                old = json.load(f)
+            result = {**old, **result, **{k: {**old.get(k, {}), **result[k]} for k in ("knn", "random")
+                                          if isinstance(old.get(k), dict) and k in result}}
+        with open(f"{path}.tmp{os.getpid()}", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(f"{path}.tmp{os.getpid()}", path)
+    except (OSError, ValueError) as e:
+        common.fail(f"cannot write {path} ({e.__class__.__name__}: {e})")
+    print(f"wrote {path}", flush=True)
+    return {**result, "path": path}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    backbone, proj, info, probes, ks = resolve(args)
     out_dir = args.out or (os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt != "random"
                            else os.path.join("runs", f"random-{info['arch']}-{args.dataset}"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -370,7 +373,6 @@ def main(argv=None):
                              if args.mode == "bag" else "")
     print(f"probe {args.ckpt} on {args.dataset} ({len(train)} train / {len(test)} test), {what}, "
           f"feature {args.feature}", flush=True)
-    embed = (nn.Sequential(backbone, proj) if proj is not None else backbone).to(device).eval()
     result = {"ckpt": args.ckpt, "method": info.get("method"), "trained_on": info["dataset"],
               "dataset": args.dataset, "mode": args.mode, "feature": args.feature,
               "n_train": len(train), "n_test": len(test), "seed": args.seed}
@@ -380,37 +382,13 @@ def main(argv=None):
                       out_size=args.out_size or info["out_size"], bag_augment=args.bag_augment)
     if args.mode == "views":
         result["views"] = args.views
-    result.update(probe_all(args, embed, train, test, device, info, ks, probes, "trained"))
-    if args.compare_random and args.ckpt != "random":
-        rnd = random_backbone(info, args.seed)
-        rnd_embed = (nn.Sequential(rnd, proj) if proj is not None else rnd).to(device).eval()
-        result["random"] = probe_all(args, rnd_embed, train, test, device, info, ks, probes, "random init")
-
-    rows = [(f"k-NN k={k[1:]}", v, result.get("random", {}).get("knn", {}).get(k)) for k, v in result.get("knn", {}).items()]
-    if "linear" in result:
-        rows.append(("linear (last epoch)", result["linear"]["last"], result.get("random", {}).get("linear", {}).get("last")))
-    print(f"{'top-1 %':<22}{'trained':>9}" + (f"{'random':>9}{'gain':>8}" if "random" in result else ""))
-    for label, v, r in rows:
-        print(f"{label:<22}{v:9.2f}" + (f"{r:9.2f}{v - r:+8.2f}" if r is not None else ""))
-    if "linear" in result:
-        print(f"(linear, best epoch on the test split, which flatters: {result['linear']['best']:.2f})")
-    path = os.path.join(out_dir, f"eval-{setting_name(args)}.json")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        if os.path.exists(path):  # the same setting probed before: keep the probes not run now
-            with open(path) as f:
-                old = json.load(f)
-            result = {**old, **result, **{k: {**old.get(k, {}), **result[k]} for k in ("knn", "random")
-                                          if isinstance(old.get(k), dict) and k in result}}
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, path)
-    except (OSError, ValueError) as e:
-        common.fail(f"cannot write {path} ({e.__class__.__name__}: {e})")
-    print(f"wrote {path}", flush=True)
-    result["path"] = path
-    return result
+    nets = [("trained", backbone)] + ([("random init", random_backbone(info, args.seed))]
+                                      if args.compare_random and args.ckpt != "random" else [])
+    for name, net in nets:
+        embed = (nn.Sequential(net, proj) if proj is not None else net).to(device).eval()
+        out = probe_all(args, embed, train, test, device, info, ks, probes, name)
+        result.update(out if name == "trained" else {"random": out})
+    return report(args, result, out_dir)
 
 
 if __name__ == "__main__":

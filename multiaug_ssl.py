@@ -17,29 +17,8 @@ The 2-view baseline: --views 2 (E.3: 86.43 %; D.1 gives 83.4 for the same settin
 efficiency (Sec. 4.3): --views 8 --train-fraction 0.25 against --views 2 on all images.
 Multi-GPU (batch is global): torchrun --nproc_per_node=2 multiaug_ssl.py --dataset in100
 
-Barlow Twins lambda by default (--lam), as the authors' run scripts set it (fastssl, branch main,
-sbatch_sh_files/multiPatch/multiPatch_barlowTwins_{results, fracTrain_results, stl10_results,
-fracTrain_stl10_results}.sh; the same values on branches arna/extra-multipatch-exps and
-arna/imagenet-try); CIFAR-10 at batch 128, STL-10 at batch 100, 100 epochs:
-    data      views  fraction  pdim 256  pdim 8192
-    CIFAR-10    2      1        0.02      8e-4
-    CIFAR-10    4      1        0.01      4e-4
-    CIFAR-10    8      1        0.01      4e-4
-    CIFAR-10    4      0.5      0.01      8e-4
-    CIFAR-10    8      0.25     0.006     4e-4
-    STL-10      2      1        0.008     4e-4
-    STL-10      4      1        0.001      -
-    STL-10      4      0.5      0.002      -
-    STL-10      8      0.25     0.006      -
-Other data sets take CIFAR-10's rows. A (views, fraction) pair not in the table takes the
-full-data row of the data set's nearest tuned view count (log scale; CIFAR-10: 3 -> 4, 16 -> 8).
-Other pdim (ours, not the authors'): between two tuned pdim, a power law through them (exponent
-log(8e-4/0.02)/log 32 = -0.93 for 2 views); beyond them, lambda * tuned pdim / pdim (the paper
-finds the best lambda falls as pdim grows, Sec. 4.1, Fig. 2). Not found in the authors' code:
-tuned lambda for 8 views on all of STL-10, for pdim 8192 on STL-10 with 4 or 8 views, and for
-pdim other than 256 / 8192 with more than 2 views (their 2-view pdim sweep,
-sbatch_sh_files/final_exps/BarlowTwins_lambda_pdim_res.sh, runs at batch 512); their
-ImageNet-100 script (branch arna/imagenet-try) tunes pdim 512 instead: not used.
+Barlow Twins lambda by default (--lam): the authors' run scripts' values for the data set, views, data
+fraction and pdim, with the rules for other settings: docs/recipes.md ("Barlow Twins lambda").
 """
 import math
 
@@ -67,8 +46,9 @@ def parse_args(argv=None):
     a("--pdim", type=common.COUNT, default=256, help="projector width and output dim (Sec. 4.1-4.2: 256; Fig. 2 sweeps 64-8192)")
     a("--lam", type=common.NONNEG, default=None,
       help="Barlow Twins off-diagonal weight lambda (Sec. 4.1). Default: the authors' scripts' value for "
-           "--dataset, --views, --train-fraction and --pdim (table above): CIFAR-10 pdim 256: 0.02 for 2 views, "
-           "0.01 for 4 and 8, 0.01 for 4 views on 50 %%, 0.006 for 8 views on 25 %%; pdim 8192: 8e-4 / 4e-4")
+           "--dataset, --views, --train-fraction and --pdim: CIFAR-10 pdim 256: 0.02 for 2 views, "
+           "0.01 for 4 and 8, 0.01 for 4 views on 50 %%, 0.006 for 8 views on 25 %%; pdim 8192: 8e-4 / 4e-4; "
+           "the whole table: docs/recipes.md)")
     a("--sim-coeff", type=common.NONNEG, default=25.0, help="VICReg invariance weight (App. D Eq. 49: 25)")
     a("--std-coeff", type=common.NONNEG, default=25.0, help="VICReg variance weight (App. D Eq. 49: 25)")
     a("--cov-coeff", type=common.NONNEG, default=1.0, help="VICReg covariance weight (App. D Eq. 49: 1)")
@@ -207,7 +187,7 @@ class MultiViewNet(nn.Module):
         return self.projector(self.backbone(x))
 
 
-# (data set, views, train fraction) -> {pdim: lambda}: the authors' run scripts (module docstring)
+# (data set, views, train fraction) -> {pdim: lambda}: the authors' run scripts (docs/recipes.md)
 LAM = {("cifar10", 2, 1.0): {256: 0.02, 8192: 8e-4},
        ("cifar10", 4, 1.0): {256: 0.01, 8192: 4e-4},
        ("cifar10", 8, 1.0): {256: 0.01, 8192: 4e-4},
@@ -220,7 +200,7 @@ LAM = {("cifar10", 2, 1.0): {256: 0.02, 8192: 8e-4},
 
 
 def default_lam(views, train_fraction=1.0, pdim=256, dataset="cifar10"):
-    """Barlow Twins lambda for a run, from LAM (the rules are in the module docstring): the row of
+    """Barlow Twins lambda for a run, from LAM (the rules: docs/recipes.md): the row of
     (dataset, views, train_fraction), else the full-data row of the nearest tuned view count; the
     row's value at pdim, else a power law between its two tuned pdim, else lambda * p / pdim from
     the nearest tuned p."""

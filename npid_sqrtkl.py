@@ -15,18 +15,7 @@ augmented train images every epoch, SGD lr 30, eval_linear.py --linear-aug):
 Table 6 rows: --no-calibrate, --no-grad-update, --lam 0. Multi-GPU (batch is global):
     torchrun --nproc_per_node=4 npid_sqrtkl.py --dataset in100
 
-Short runs: lambda = 20 weighs SqrtKL heavily (the paper's worked example, Sec. 3.3.1: on a
-non-target logit 20 x -0.0205 = -0.41 against CE's +0.01); in runs of a few hundred steps its
-entropy part holds the bank softmax near uniform (docs/results.md#npid-short-runs).
-
-Memory of the softmax over the bank (float32, per process; b = this process's rows, B / world,
-since each rank takes the loss of its own rows only). The bank is N x 128 x 4 bytes (CIFAR 26 MB,
-in100 65 MB, ImageNet 656 MB), the same on every rank. The plain loss (--bank-chunk 0) peaks at
-about 20 b N bytes in forward + backward (five float32 b x N tensors: logits, log p, p, log u and
-a product of Eq. 12): CIFAR-10 (b = 512, N = 50,000) 0.5 GB,
-in100 (b = 512, N = 126,689) 1.3 GB, ImageNet (N = 1,281,167) 13 GB at b = 512, 1.6 GB at b = 64
-(512 over 8 GPUs). --bank-chunk C never holds more than a few b x C tensors: about 20 b C bytes
-(0.7 GB at b = 512, C = 65,536), whatever N, for one extra b x N x 128 matmul.
+Memory of the softmax over the bank, and --bank-chunk: README, "NPID memory bank: what fits".
 """
 import math
 
@@ -66,7 +55,7 @@ def parse_args(argv=None):
       help="Grad Update's direction: the negative gradient with respect to the batch's bank rows of the batch's "
            "CE (ce: Eq. 4-5, as Sec. 3.2 derives it) or of the whole loss L = CE + lambda SqrtKL (full: Eq. 13)")
     a("--bank-chunk", type=common.COUNT0, default=0,
-      help="softmax over the bank in chunks of this many rows (0 = all at once); see the memory note above")
+      help="softmax over the bank in chunks of this many rows (0 = all at once; README: NPID memory bank)")
     # The paper names no augmentation: NPID's (Wu et al. 2018, arXiv:1805.01978; the official
     # lemniscate.pytorch cifar.py): RandomResizedCrop(scale=(0.2, 1)), ColorJitter(0.4, 0.4, 0.4, 0.4)
     # on every image, RandomGrayscale(0.2), no flip; its ImageNet code (main.py) also flips.
@@ -202,16 +191,11 @@ def global_batch_update(bank, z, idx, lse, H, tau, m=0.5, grad_update=True, kl_c
 
 @torch.no_grad()
 def calibrate(model, train, out_size, mean, std, device, chunk=512, workers=0, bn="eval"):
-    """Feature Calibrate (Sec. 3.2): w_i = z_i^(0), the untrained network's normalised output for
-    every training image. The paper does not say which BatchNorm statistics: bn="train" normalises
-    by each block's batch statistics, as step 0 of training computes z; bn="eval" by the untrained
-    network's running statistics (mean 0, variance 1), each image on its own. (On synthetic, eval
-    mode gives nearly one feature for every image: mean pairwise cosine 0.96 against 0.79 in train
-    mode.) The paper names no view: we take the whole unaugmented image. The images go in fixed
-    blocks of about `chunk` in index order, so a row depends on its block alone, not on the number
-    of ranks; ranks take blocks in turn and sum their rows (exact: each row comes from one rank,
-    zeros from the others), so every rank holds the same bank. The running statistics are
-    restored and the mode too: the network stays untrained."""
+    """Feature Calibrate (Sec. 3.2): w_i = z_i^(0), the untrained network's output for every training image
+    (the paper names no view: the whole unaugmented image) with BatchNorm's running statistics (bn="eval")
+    or each block's batch statistics (bn="train"; the paper does not say). Fixed blocks of about `chunk`
+    images in index order, taken by the ranks in turn and summed: every rank holds the same bank, whatever
+    the number of ranks. The network's statistics and mode are restored: it stays untrained."""
     if bn not in ("train", "eval"):
         raise ValueError(f"bn must be 'train' or 'eval', not {bn!r}")
     n, world = len(train), common.world_size()

@@ -172,7 +172,7 @@ def write_checkpoint(state, args, info):
     """OUT/checkpoint.pt in effssl's format (common.Run.save's keys), from the authors' state dict."""
     model = empnet_from_authors(state)
     targs = run_args(args)
-    probe = common.probe_info(targs.arch, targs.stem, targs.out_size, targs.norm_mean, targs.norm_std,
+    probe = common.probe_info(targs.arch, targs.stem, targs.out_size, targs.norm_mean, targs.norm_std, "bag",
                               patch_size=targs.patch_size, proj=targs.proj, aug=vars(emp_ssl.augmentation(targs)))
     targs = {**vars(targs), "control": info}
     path = os.path.join(args.out, "checkpoint.pt")

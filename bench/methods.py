@@ -108,7 +108,7 @@ def script_args(module, argv, device):
     else:  # multiaug_ssl and npid_sqrtkl resolve their data-dependent defaults in main()
         args = common.resolve_common(module.parse_args(argv), module.__name__)
         args.out_size = args.out_size or common.IMAGE_SIZE["cifar10"]
-        args.stem = common.default_stem(args.dataset, args.out_size)
+        args.stem = common.default_stem(args.out_size)
         args.norm_mean, args.norm_std = (list(v) for v in common.data_stats(args.dataset))
     args.channels_last = device.type == "cuda"
     return args

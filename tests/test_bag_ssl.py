@@ -282,6 +282,11 @@ def test_cli_runs_and_writes_a_checkpoint(tmp_path, loss, extra):
     assert any(k.startswith("backbone.") for k in ck["model"]) and any(k.startswith("projector.") for k in ck["model"])
     lines = [json.loads(s) for s in open(tmp_path / "metrics.jsonl")]
     assert len(lines) == 2 and all(math.isfinite(x["loss"]) for x in lines)
+    # the probe represents the whole image for --multiscale, else the bag: the rate counts views or patches
+    unit, other = ("views", "patches") if extra else ("patches", "views")
+    assert ck["probe"]["represent"] == ("image" if extra else "bag")
+    assert all(f"{unit}_per_s" in x and f"{other}_per_s" not in x for x in lines)
+    assert all(f" {unit}/s " in s for s in r.stdout.splitlines() if s.startswith("epoch")) and f"{unit}/s" in r.stdout
 
 
 def test_byol_resume_after_a_crash_restores_the_ema_target(tmp_path):
@@ -289,7 +294,7 @@ def test_byol_resume_after_a_crash_restores_the_ema_target(tmp_path):
             "--proj", "128-32", "--pred-hidden", "64"]
     full, part = tmp_path / "full", tmp_path / "part"
     assert run(base + ["--out", str(full)]).returncode == 0
-    r = run(base + ["--out", str(part), "--save-every", "2"], env={"EFFSSL_CRASH_AT_STEP": "3"})
+    r = run(["tests/crash_at.py", "3", *base, "--out", str(part), "--save-every", "2"])  # dies after step 3
     assert r.returncode == 137  # died after step 3; the checkpoint holds step 2
     assert torch.load(part / "checkpoint.pt", weights_only=True)["step"] == 2
     r = run(base + ["--out", str(part), "--resume"])

@@ -2,6 +2,7 @@
 and view sampling against F.interpolate, LARS and the cosine schedule against hand
 computations, gather / gather_views / DDP in 2 gloo processes against 1 process, checkpoint
 safety, data loading, the k-NN probe and bag-of-features. CPU only, about a minute."""
+import ast
 import math
 import os
 import subprocess
@@ -47,11 +48,11 @@ def factors(n, lo, hi, seed=1):
     return torch.empty(n).uniform_(lo, hi, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name,ours,theirs,lo,hi", [
-    ("brightness", common.adjust_brightness, TF.adjust_brightness, 0.6, 1.4),
-    ("contrast", common.adjust_contrast, TF.adjust_contrast, 0.6, 1.4),
-    ("saturation", common.adjust_saturation, TF.adjust_saturation, 0.6, 1.4),
-    ("hue", common.adjust_hue, TF.adjust_hue, -0.5, 0.5),
+@pytest.mark.parametrize("name,ours,theirs,lo,hi", [  # JITTER_OPS: ColorJitter's fn_idx order
+    ("brightness", common.JITTER_OPS[0], TF.adjust_brightness, 0.6, 1.4),
+    ("contrast", common.JITTER_OPS[1], TF.adjust_contrast, 0.6, 1.4),
+    ("saturation", common.JITTER_OPS[2], TF.adjust_saturation, 0.6, 1.4),
+    ("hue", common.JITTER_OPS[3], TF.adjust_hue, -0.5, 0.5),
 ])
 def test_colour_op_equals_torchvision_per_image(name, ours, theirs, lo, hi):
     x = images()
@@ -61,18 +62,25 @@ def test_colour_op_equals_torchvision_per_image(name, ours, theirs, lo, hi):
         close(y[b], theirs(x[b], float(f[b])))
 
 
+def identity_params(n):
+    """Drawn parameters under which apply_augment changes nothing."""
+    off = torch.zeros(n, dtype=torch.bool)
+    return dict(flip=off, jitter=off, order=torch.arange(4).repeat(n, 1), brightness=torch.ones(n),
+                contrast=torch.ones(n), saturation=torch.ones(n), hue=torch.zeros(n), gray=off, blur=off,
+                sigma=torch.ones(n), solarize=off)
+
+
 def test_grayscale_flip_solarize_equal_torchvision():
     x = images()
     close(common.grayscale(x), torch.stack([TF.rgb_to_grayscale(i) for i in x]))
-    close(common.solarize(x), torch.stack([TF.solarize(i, 0.5) for i in x]))
-    p = {"flip": torch.tensor([True, False, True, False, False, True])}
-    p.update(jitter=torch.zeros(6, dtype=torch.bool), order=torch.arange(4).repeat(6, 1),
-             brightness=torch.ones(6), contrast=torch.ones(6), saturation=torch.ones(6), hue=torch.zeros(6),
-             gray=torch.zeros(6, dtype=torch.bool), blur=torch.zeros(6, dtype=torch.bool), sigma=torch.ones(6),
-             solarize=torch.zeros(6, dtype=torch.bool))
-    y = common.apply_augment(x, p, 13)
+    close(common.apply_augment(x, identity_params(6), 13), x, 0)
+    pick = torch.tensor([True, False, True, False, False, True])
+    y = common.apply_augment(x, {**identity_params(6), "flip": pick}, 13)
     for b in range(6):
-        close(y[b], TF.hflip(x[b]) if p["flip"][b] else x[b], 0)
+        close(y[b], TF.hflip(x[b]) if pick[b] else x[b], 0)
+    y = common.apply_augment(x, {**identity_params(6), "solarize": pick}, 13)  # solarize is inline there
+    for b in range(6):
+        close(y[b], TF.solarize(x[b], 0.5) if pick[b] else x[b], 0)
 
 
 @pytest.mark.parametrize("size", [32, 64])
@@ -140,6 +148,20 @@ def test_blur_std_matches_pil_gaussian_blur_within_5_percent(sigma):
     assert abs(ours - pil) <= 0.05 * pil, (ours, pil)
 
 
+def test_matched_sigma_changes_the_blur_of_random_sigmas(monkeypatch):
+    """Why the bisection stays: blurring white noise with the recipe's sigmas, U(0.1, 2), at its one kernel size
+    (13 taps), the matched width leaves a mean output variance more than 0.5 % away from the plain width's
+    (measured: 15 % less, the small sigmas blur as PIL's do instead of hardly at all)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(400, 3, 32, 32, generator=g)
+    sigma = torch.empty(400).uniform_(0.1, 2.0, generator=g)
+    k = common.blur_kernel_size(2.0, 32)
+    matched = common.gaussian_blur(x, sigma, k).var(dim=(1, 2, 3)).mean().item()
+    monkeypatch.setattr(common, "matched_sigma", lambda sigma, kernel_size, iters=30: sigma.double())
+    plain = common.gaussian_blur(x, sigma, k).var(dim=(1, 2, 3)).mean().item()
+    assert matched < plain and (plain - matched) / plain > 0.005, (matched, plain)
+
+
 def torchvision_composition(img, p, b):
     """The VICReg pipeline of one sample with its drawn parameters, torchvision ops only."""
     if p["flip"][b]:
@@ -169,10 +191,9 @@ def test_apply_augment_equals_torchvision_composition_in_each_samples_order():
     p = common.draw_aug_params(n, cfg, torch.Generator().manual_seed(4))
     for key in ("flip", "jitter", "gray", "blur", "solarize"):
         assert 0 < p[key].sum() < n, key
-    for masked in (False, True):  # each op on the samples that draw it; every op on all, masked
-        y = common.apply_augment(x, p, 13, masked=masked)
-        for b in range(n):
-            close(y[b], torchvision_composition(x[b], p, b))
+    y = common.apply_augment(x, p, 13)  # every op on the whole batch, each sample keeps its own result
+    for b in range(n):
+        close(y[b], torchvision_composition(x[b], p, b))
     # augment = apply_augment then normalisation with the config's mean and std
     cfg = common.AugConfig(mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
     z = common.augment(x, cfg, torch.Generator().manual_seed(5))
@@ -243,8 +264,9 @@ def test_sample_patches_positions_cover_the_image_uniformly():
 
 
 def test_patch_larger_than_image_is_a_user_error():
-    with pytest.raises(common.UserError):
-        common.sample_patches(uint8_images(2, 32), 4, 33, 32)
+    common.check_patch(32, 32)  # the whole image is a patch
+    with pytest.raises(common.UserError, match="--patch-size 33"):
+        common.check_patch(33, 32)
 
 
 def test_random_resized_boxes_inside_with_area_and_ratio_in_range():
@@ -493,7 +515,8 @@ def test_atomic_save_leaves_no_temp_file(tmp_path):
 
 
 def test_load_checkpoint_refuses_bad_files(tmp_path):
-    good = {"method": "emp_ssl", "backbone": {"w": torch.ones(1)}, "args": {"arch": "resnet18"}}
+    probe = common.probe_info("resnet18", "cifar", 32, (0.5,) * 3, (0.5,) * 3, "bag", patch_size=16)
+    good = {"method": "emp_ssl", "backbone": {"w": torch.ones(1)}, "args": {"arch": "resnet18"}, "probe": probe}
     common.atomic_save(good, str(tmp_path / "good.pt"))
     assert common.load_checkpoint(str(tmp_path / "good.pt"), "emp_ssl")["args"]["arch"] == "resnet18"
     with pytest.raises(common.UserError):
@@ -501,7 +524,8 @@ def test_load_checkpoint_refuses_bad_files(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(os.urandom(300))
     torch.save([1, 2, 3], tmp_path / "list.pt")
     torch.save({"state_dict": {"w": torch.ones(1)}}, tmp_path / "foreign.pt")
-    for name in ("garbage.pt", "list.pt", "foreign.pt", "missing.pt"):
+    torch.save({k: v for k, v in good.items() if k != "probe"}, tmp_path / "old.pt")  # the old format: refused
+    for name in ("garbage.pt", "list.pt", "foreign.pt", "old.pt", "missing.pt"):
         with pytest.raises(common.UserError):
             common.load_checkpoint(str(tmp_path / name))
     marker = tmp_path / "pwned"
@@ -697,32 +721,122 @@ WAITS = {"nonzero", "item", "tolist", "__bool__", "__int__", "__float__", "__ind
 
 
 class Calls(torch.overrides.TorchFunctionMode):
+    """The names of the torch functions called on the pipeline's tensors. Tensors built from Python numbers
+    (torch.tensor without a device) and what is computed from them alone stay on the host: their ops
+    (random_resized_boxes' log(ratio).tolist()) never wait for the device, and are not recorded."""
+
     def __init__(self):
         super().__init__()
-        self.names = set()
+        self.names, self.host = set(), {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.names.add(getattr(func, "__name__", str(func)))
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        if (func is torch.tensor and kwargs.get("device") is None) or (
+                tensors and all(id(t) in self.host for t in tensors)):
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.host[id(t)] = t  # held, so that its id is not reused
+        else:
+            self.names.add(getattr(func, "__name__", str(func)))
+        return out
 
 
 @pytest.mark.parametrize("cfg", [common.AugConfig(p_blur=0.5, p_solarize=0.5),
                                  common.AugConfig(jitter=(0.4, 0.4, 0.2, 0.1), p_blur=1.0, p_solarize=0.0),
                                  common.AugConfig(jitter=(0.4, 0.4, 0.4, 0.0), p_blur=0.0, p_solarize=0.0)])
-def test_masked_pipeline_equals_the_indexed_one_and_never_waits_for_the_device(cfg):
-    """The masked pipeline (the default on CUDA: no nonzero, .item() or data-dependent shape) gives the
-    indexed one's result exactly, for the same drawn parameters (EMP-SSL's, BYOL's first view, the
-    multi-view paper's); patches, views and their augmentation call no op that waits for the device."""
+def test_augmentation_pipeline_equals_torchvision_per_image_and_never_waits_for_the_device(cfg):
+    """apply_augment (every op on the whole batch, torch.where per sample: no nonzero, .item() or
+    data-dependent shape) gives torchvision's per-image composition, for EMP-SSL's, BYOL's first view's and
+    the multi-view paper's parameters; patches, views and their augmentation call no op that waits for the device."""
     imgs = common.synthetic_set("test", n=64).images
-    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    a = common.apply_augment(common.sample_patches(imgs, 3, 16, 32, g1)[0],
-                             common.draw_aug_params(192, cfg, g1), 13, masked=False)
-    common.sample_views(imgs, 2, 32, (0.08, 1.0), generator=g1)  # the first call takes log(ratio) on the host
+    g = torch.Generator().manual_seed(7)
+    common.sample_views(imgs, 2, 32, (0.08, 1.0), generator=g)  # the first call takes log(ratio) on the host
     calls = Calls()
     with calls:
-        x, _ = common.sample_patches(imgs, 3, 16, 32, g2)
-        b = common.apply_augment(x, common.draw_aug_params(192, cfg, g2), 13, masked=True)
-        v, _ = common.sample_views(imgs, 2, 32, (0.08, 1.0), generator=g2)
-        common.apply_augment(v, common.draw_aug_params(128, cfg, g2), 13, masked=True)
-    assert torch.equal(a, b)
+        x, _ = common.sample_patches(imgs, 3, 16, 32, g)
+        p = common.draw_aug_params(192, cfg, g)
+        y = common.apply_augment(x, p, 13)
+        v, _ = common.sample_views(imgs, 2, 32, (0.08, 1.0), generator=g)
+        common.apply_augment(v, common.draw_aug_params(128, cfg, g), 13)
     assert "where" in calls.names and not calls.names & WAITS, calls.names & WAITS
+    for k in range(len(x)):
+        close(y[k], torchvision_composition(x[k], p, k))
+
+
+# ---------------------------------------------------------------------------------------------
+# the shape of the code: the fence in common.py, and sizes
+# ---------------------------------------------------------------------------------------------
+
+def parsed(name):
+    with open(os.path.join(ROOT, name)) as f:
+        src = f.read()
+    return src, ast.parse(src)
+
+
+def test_nothing_above_the_fence_uses_a_name_below_it_nor_imports_beyond_torch_and_numpy():
+    """common.py's science (above '# ======== harness') stands alone: no name it uses is defined below the
+    fence, it is at most 450 lines, and it imports only the standard library, numpy, torch and torchvision."""
+    src, tree = parsed("common.py")
+    fence = next(n for n, line in enumerate(src.splitlines(), 1) if line.startswith("# ======== harness"))
+    assert fence - 1 <= 450, f"{fence - 1} lines above the fence"
+    below = set()
+    for node in tree.body:
+        if node.lineno < fence:
+            continue
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            below.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                below |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+    assert {"UserError", "fail", "load_dataset", "Run", "run_cli", "STATS"} <= below  # the scan sees the harness
+    above = [node for node in tree.body if node.end_lineno < fence]
+    used = {}  # every Name, the base of each Attribute chain among them (ast.walk reaches it)
+    for n in (n for node in above for n in ast.walk(node)):
+        if isinstance(n, ast.Name) and n.id in below:
+            used.setdefault(n.id, n.lineno)
+    assert not used, f"names of the harness used above the fence (name: line): {used}"
+    allowed = {"torch", "torchvision", "numpy"} | set(sys.stdlib_module_names)
+    imports = [(n.lineno, alias.name if isinstance(n, ast.Import) else n.module or "", getattr(n, "level", 0))
+               for node in above for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))
+               for alias in (n.names if isinstance(n, ast.Import) else [None])]
+    assert any(m == "torch" for _, m, _ in imports)  # the scan sees the imports
+    bad = [(line, m) for line, m, level in imports if level or m.split(".")[0] not in allowed]
+    assert not bad, f"imports above the fence beyond the standard library, numpy, torch, torchvision: {bad}"
+
+
+def top_level_lines(name, what):
+    """Lines of the top-level function or class `what` in file `name` (decorators not counted)."""
+    node = next(n for n in parsed(name)[1].body if getattr(n, "name", None) == what)
+    return node.end_lineno - node.lineno + 1
+
+
+def file_lines(name):
+    return len(parsed(name)[0].splitlines())
+
+
+METHOD_FILES = ("emp_ssl.py", "bag_ssl.py", "multiaug_ssl.py", "npid_sqrtkl.py")
+FILE_LIMITS = {**{f: 300 for f in METHOD_FILES}, "eval_linear.py": 350}
+SHRINKING = "being shrunk: over its line budget when this test was written"
+OVER = {}  # files over their budget when this test was written: marked below
+
+
+def test_run_class_fits_in_150_lines():
+    assert top_level_lines("common.py", "Run") <= 150
+
+
+@pytest.mark.parametrize("name", [pytest.param(f, marks=pytest.mark.xfail(strict=False, reason=SHRINKING))
+                                  if f in OVER else f for f in FILE_LIMITS])
+def test_method_and_probe_files_fit_their_line_budget(name):
+    assert file_lines(name) <= FILE_LIMITS[name]
+
+
+@pytest.mark.parametrize("name", list(FILE_LIMITS))
+def test_each_scripts_main_fits_in_60_lines(name):
+    assert top_level_lines(name, "main") <= 60
+
+
+@pytest.mark.xfail(strict=False, reason="the goal, not met yet: common.py is being cut from ~1,170 lines")
+def test_common_py_fits_in_1000_lines():
+    assert file_lines("common.py") <= 1000

@@ -1,10 +1,14 @@
 """The data layouts other than an ImageFolder tree, on tiny fixtures this file writes: torchvision's
 CIFAR-10 / CIFAR-100 python pickles (what --download gives), STL-10's binary files with their
-unlabeled split, the unpacked Tiny ImageNet archive (val labelled by val_annotations.txt); each read
-through common.load_dataset (pixels and labels as written, and as torchvision's own classes read
-them) and trained for one step. Also: a decoded-image cache whose files changed is rebuilt, said."""
+unlabeled split, the unpacked Tiny ImageNet archive (its val/ sorted into class folders by
+tools/tinyimagenet_val.py); each read through common.load_dataset (pixels and labels as written, and
+as torchvision's own classes read them) and trained for one step. torchvision.datasets reads the
+CIFAR and STL-10 files with an md5 check of the real data set's files, which a fixture cannot pass:
+the tests that read them switch it off (fixture accept_fixtures); with it on, a foreign file is refused
+before it is unpickled. Also: a decoded-image cache whose files changed is rebuilt, said."""
 import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -18,6 +22,7 @@ import emp_ssl
 import multiaug_ssl
 import npid_sqrtkl
 from check_util import Payload
+from tools import tinyimagenet_val
 
 
 @pytest.fixture(autouse=True)
@@ -27,6 +32,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def accept_fixtures(monkeypatch):
+    """torchvision's md5 checks of the CIFAR / STL-10 files (and of CIFAR's meta file) pass the fixtures."""
+    for cls in (torchvision.datasets.CIFAR10, torchvision.datasets.CIFAR100, torchvision.datasets.STL10):
+        monkeypatch.setattr(cls, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
 
 
 # --- fixtures in each layout -----------------------------------------------------------------------
@@ -91,7 +104,8 @@ def write_stl10(root, n_train=6, n_test=4, n_unlabeled=5, seed=0):
 def write_tiny_imagenet(root, wnids=("n03444034", "n01443537", "n02124075"), per_class=4, val_per_class=2, seed=0):
     """tiny-imagenet-200/ as the archive unpacks: wnids.txt, train/<wnid>/images/<wnid>_<k>.JPEG (and
     <wnid>_boxes.txt), val/images/val_<k>.JPEG with val/val_annotations.txt, test/images/ unlabelled.
-    64 px JPEGs. Returns {split: (file paths, labels)}, label = index of the wnid in sorted order."""
+    64 px JPEGs. Returns {split: (file paths, labels)}, label = index of the wnid in sorted order, and
+    "val_wnids": the wnid of each val image."""
     rng = np.random.default_rng(seed)
     base = os.path.join(root, "tiny-imagenet-200")
     order = {w: i for i, w in enumerate(sorted(wnids))}
@@ -123,7 +137,7 @@ def write_tiny_imagenet(root, wnids=("n03444034", "n01443537", "n02124075"), per
             want["test"][1].append(order[w])
     for k in range(3):
         jpeg(os.path.join(base, "test", "images", f"test_{k}.JPEG"))
-    return {s: (files, torch.tensor(labels)) for s, (files, labels) in want.items()}
+    return {**{s: (files, torch.tensor(labels)) for s, (files, labels) in want.items()}, "val_wnids": val}
 
 
 def _pil(path):
@@ -134,75 +148,92 @@ def _pil(path):
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
-def test_cifar_pickles_read_as_written_and_as_torchvisions_class_reads_them(name, tmp_path, monkeypatch):
+def test_cifar_pickles_read_as_written_and_as_torchvisions_class_reads_them(name, tmp_path, request):
     want = write_cifar(str(tmp_path), name)
+    folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+    with pytest.raises(common.UserError, match=f"cannot read {name} in .*{folder}.*--download") as e:
+        common.load_dataset(name, str(tmp_path), "train")  # md5 sums of the full data set: refused, one line
+    assert "\n" not in str(e.value)
+    request.getfixturevalue("accept_fixtures")
     tv = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    with pytest.raises(RuntimeError):  # its md5 sums are the full data set's: why common.py reads them itself
-        tv(str(tmp_path), train=True)
     for split in ("train", "test", "ssl"):
         ds = common.load_dataset(name, str(tmp_path), split)
         imgs, labels = want["test" if split == "test" else "train"]
         assert (ds.size, ds.num_classes, ds.images.dtype) == (32, 10 if name == "cifar10" else 100, torch.uint8)
         assert torch.equal(ds.images, imgs) and torch.equal(ds.labels, labels)
-        # the same arrays as torchvision's class, its md5 checks switched off
-        monkeypatch.setattr(tv, "_check_integrity", lambda self: True)
-        monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
-        ref = tv(str(tmp_path), train=split != "test")
+        ref = tv(str(tmp_path), train=split != "test")  # the same arrays as torchvision's class
         assert torch.equal(ds.images, torch.from_numpy(ref.data).permute(0, 3, 1, 2))
         assert ds.labels.tolist() == ref.targets
 
 
-def test_a_cifar_batch_that_would_run_code_or_is_torn_is_one_line(tmp_path):
+def cifar_error(root, capsys):
+    """common.load_dataset('cifar10', root, 'train') under run_cli: (exit code, stderr lines)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        common.run_cli(lambda: common.load_dataset("cifar10", str(root), "train"), training=False)
+    return e.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_cifar_batch_that_would_run_code_or_is_torn_is_one_line(tmp_path, monkeypatch, capsys):
+    """With torchvision's md5 check on (as in a real run), a foreign batch is refused before it is unpickled:
+    the code it carries never runs. A torn batch is one line even where the check is off."""
     write_cifar(str(tmp_path), "cifar10")
     batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     _pickle(batch, {"data": np.zeros((1, 3072), np.uint8), "labels": [Payload(str(tmp_path / "ran"))]})
-    with pytest.raises(common.UserError, match="data_batch_3") as e:
-        common.load_dataset("cifar10", str(tmp_path), "train")
-    assert not (tmp_path / "ran").exists() and "\n" not in str(e.value)
+    code, err = cifar_error(tmp_path, capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: cannot read cifar10 in ") and "cifar-10-batches-py" in err[0], err
+    assert "rerun with --download" in err[0] and not (tmp_path / "ran").exists()
     with open(batch, "wb") as f:
         f.write(b"\x80\x04\x95")  # a download cut short
-    with pytest.raises(common.UserError, match="data_batch_3"):
-        common.load_dataset("cifar10", str(tmp_path), "train")
-    os.remove(batch)  # a missing batch: not this layout, so the ImageFolder hint
-    with pytest.raises(common.UserError, match="cifar-10-batches-py"):
-        common.load_dataset("cifar10", str(tmp_path), "train")
+    code, err = cifar_error(tmp_path, capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: cannot read cifar10"), err
+    with monkeypatch.context() as m:  # torchvision unpickles it: still one line
+        for name, obj in (("CIFAR10", torchvision.datasets.CIFAR10), ("cifar", torchvision.datasets.cifar)):
+            m.setattr(obj, "_check_integrity" if name == "CIFAR10" else "check_integrity", lambda *a, **k: True)
+        code, err = cifar_error(tmp_path, capsys)
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: cannot read cifar10"), err
+    os.remove(batch)  # a missing batch
+    code, err = cifar_error(tmp_path, capsys)
+    assert code == 2 and len(err) == 1 and "cifar-10-batches-py" in err[0], err
 
 
-def test_stl10_binary_reads_as_written_and_as_torchvisions_class_reads_it(tmp_path, monkeypatch):
+def test_stl10_binary_reads_as_written_and_as_torchvisions_class_reads_it(tmp_path, request):
     want = write_stl10(str(tmp_path))
-    with pytest.raises(RuntimeError):  # md5 sums of the full data set
-        torchvision.datasets.STL10(str(tmp_path), split="train")
-    monkeypatch.setattr(torchvision.datasets.STL10, "_check_integrity", lambda self: True)
+    with pytest.raises(common.UserError, match="cannot read stl10 in .*stl10_binary"):
+        common.load_dataset("stl10", str(tmp_path), "train")  # md5 sums of the full data set
+    request.getfixturevalue("accept_fixtures")
     for split, parts, tv_split in (("train", ["train"], "train"), ("test", ["test"], "test"),
-                                   ("ssl", ["unlabeled", "train"], "unlabeled")):
+                                   ("ssl", ["train", "unlabeled"], "train+unlabeled")):
         ds = common.load_dataset("stl10", str(tmp_path), split)
         assert (ds.size, ds.num_classes) == (96, 10)
         assert torch.equal(ds.images, torch.cat([want[p][0] for p in parts]))
-        assert torch.equal(ds.labels, torch.cat([want[p][1] for p in parts]))
+        assert torch.equal(ds.labels, torch.cat([want[p][1] for p in parts]))  # unlabeled: -1
         ref = torchvision.datasets.STL10(str(tmp_path), split=tv_split)
-        assert torch.equal(ds.images[:len(ref.data)], torch.from_numpy(ref.data))
-        assert torch.equal(ds.labels[:len(ref.data)], torch.from_numpy(ref.labels).long())
-    (tmp_path / "stl10_binary" / "test_y.bin").write_bytes(b"\x01\x0b\x01\x01")  # a label 11
-    with pytest.raises(common.UserError, match="test_y.bin"):
-        common.load_dataset("stl10", str(tmp_path), "test")
+        assert torch.equal(ds.images, torch.from_numpy(ref.data))
+        assert torch.equal(ds.labels, torch.from_numpy(ref.labels).long())
 
 
-@pytest.mark.parametrize("parent", [True, False])  # --data-dir holding tiny-imagenet-200/, or that folder
-def test_tiny_imagenet_archive_layout_labels_val_by_its_annotations(parent, tmp_path, monkeypatch):
+def test_tiny_imagenet_archive_layout_labels_val_by_its_annotations(tmp_path, monkeypatch):
+    """train/<wnid>/images/ as unpacked; val/ once tools/tinyimagenet_val.py has sorted it into class folders.
+    (The archive's unlabelled test/ is left out: common.load_dataset would read it as the test split, see
+    tests/test_tools.py::test_tinyimagenet_test_split_is_val_not_the_unlabelled_test_folder.)"""
     monkeypatch.setenv("EFFSSL_CACHE", str(tmp_path / "cache"))
     want = write_tiny_imagenet(str(tmp_path))
-    data_dir = str(tmp_path) if parent else str(tmp_path / "tiny-imagenet-200")
+    data_dir = str(tmp_path / "tiny-imagenet-200")
+    shutil.rmtree(os.path.join(data_dir, "test"))
+    assert tinyimagenet_val.sort_val(data_dir) == (6, 0)
+    val = os.path.join(data_dir, "val")
+    want["test"] = ([os.path.join(val, w, os.path.basename(f)) for f, w in zip(want["test"][0], want["val_wnids"])],
+                    want["test"][1])
     for split in ("train", "test"):
         ds = common.load_dataset("tinyimagenet", data_dir, split)
         files, labels = want[split]
+        order = sorted(range(len(files)), key=lambda i: files[i])  # an ImageFolder scan: by class folder, name
         assert (len(ds), ds.size, ds.num_classes) == (len(files), 64, 3)  # the classes found
-        assert torch.equal(ds.labels, labels)  # test: the val images by their annotations, not unlabelled test/
-        ref = torch.stack([_pil(f) for f in files])
+        assert torch.equal(ds.labels, labels[order])  # test: the val images by their annotations
+        ref = torch.stack([_pil(files[i]) for i in order])
         assert (ds.images.int() - ref.int()).abs().max() <= 2  # the same JPEG decoded by PIL
-    with open(os.path.join(tmp_path, "tiny-imagenet-200", "val", "val_annotations.txt"), "a") as f:
-        f.write("val_99.JPEG\tn99999999\t0\t0\t1\t1\n")  # a class the train split does not have
-    with pytest.raises(common.UserError, match="val_annotations.txt line 7"):
-        common.load_dataset("tinyimagenet", data_dir, "test")
 
 
 # --- one training step on each layout -------------------------------------------------------------
@@ -217,7 +248,7 @@ FORMAT_RUNS = {  # layout -> (method, its smallest flags); each method once
 
 
 @pytest.mark.parametrize("name", list(FORMAT_RUNS))
-def test_one_training_step_on_each_layout(name, tmp_path, monkeypatch):
+def test_one_training_step_on_each_layout(name, tmp_path, monkeypatch, accept_fixtures):
     """--data-dir in the layout, --max-steps 1: the step trains on the fixture's own images."""
     monkeypatch.setenv("EFFSSL_CACHE", str(tmp_path / "cache"))
     data = str(tmp_path / "data")
@@ -226,9 +257,10 @@ def test_one_training_step_on_each_layout(name, tmp_path, monkeypatch):
         images = write_cifar(data, name)["train"][0]
     elif name == "stl10":
         want = write_stl10(data)
-        images = torch.cat([want["unlabeled"][0], want["train"][0]])  # SSL on unlabeled + train
+        images = torch.cat([want["train"][0], want["unlabeled"][0]])  # SSL on train + unlabeled (torchvision's order)
     else:
         images = torch.stack([_pil(f) for f in write_tiny_imagenet(data)["train"][0]])
+        data = os.path.join(data, "tiny-imagenet-200")  # --data-dir is the unpacked folder itself
     seen = []
     real = common.Run.batches
 
@@ -253,7 +285,7 @@ def test_one_training_step_on_each_layout(name, tmp_path, monkeypatch):
 
 def test_a_changed_image_file_makes_the_decoded_cache_stale_rebuilt_and_said(tmp_path, monkeypatch, capsys):
     """Same count, same labels, one file rewritten with new pixels: the cache is rebuilt (one
-    stderr line), not served; an unchanged tree is served from it silently; a torn cache too."""
+    stderr line), not served; an unchanged tree is served from it silently; a torn cache is decoded again."""
     monkeypatch.setenv("EFFSSL_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "data"
     g = torch.Generator().manual_seed(0)
@@ -290,5 +322,7 @@ def test_a_changed_image_file_makes_the_decoded_cache_stale_rebuilt_and_said(tmp
     with open(cache, "wb") as f:
         f.write(b"torn")
     torn, err = load()
-    assert decoded == [4, 4, 4] and len(err) == 1 and "unreadable" in err[0]
+    assert decoded == [4, 4, 4] and err == []  # not served: decoded again (silently) and rewritten
     assert torch.equal(torn.images, changed.images)
+    _, err = load()
+    assert decoded == [4, 4, 4] and err == []  # the rewritten cache is served

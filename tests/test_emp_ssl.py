@@ -250,6 +250,52 @@ def test_grad_checkpoint_gives_the_same_gradients(monkeypatch):
     assert torch.allclose(outs[0].norm(dim=1), torch.ones(len(x)))  # z is L2-normalised (Sec. 2)
 
 
+@pytest.mark.parametrize("arch,blocks", [("resnet18", 8), ("mobilenet_v3_small", 13)])
+def test_forward_checkpointed_equals_the_plain_forward_of_every_backbone(arch, blocks, monkeypatch):
+    """forward_checkpointed(net, x) is net(x) for a ResNet and a common.PooledFeatures net alike: the same
+    outputs and the same parameter gradients (train mode, fresh copies of one net, one input)."""
+    import copy
+    import torch.utils.checkpoint as tuc
+    calls = []
+    real = tuc.checkpoint
+    monkeypatch.setattr(tuc, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    net = common.backbone(arch, "cifar")
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    w = torch.randn(net.dim, generator=torch.Generator().manual_seed(2))  # a loss that weighs every output
+    outs, grads = [], []
+    for fwd in (lambda m: m(x), lambda m: emp_ssl.forward_checkpointed(m, x)):
+        m = copy.deepcopy(net).train()
+        h = fwd(m)
+        (h @ w).square().sum().backward()
+        outs.append(h.detach())
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters()})
+    assert len(calls) == blocks  # every block (ResNet's basic blocks, the features' stages) was recomputed
+    assert outs[0].shape == (6, net.dim)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    assert all(g.abs().sum() > 0 for g in grads[0].values())  # every parameter took part
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_grad_checkpoint_trains_a_step_of_a_non_resnet_arch(tmp_path, capsys, fast_synthetic, monkeypatch):
+    """--grad-checkpoint is generic: a MobileNetV3 run takes a step through forward_checkpointed."""
+    calls = []
+    real = emp_ssl.forward_checkpointed
+    monkeypatch.setattr(emp_ssl, "forward_checkpointed", lambda net, x: calls.append(type(net)) or real(net, x))
+    out = tmp_path / "run"
+    emp_ssl.main(TINY + ["--arch", "mobilenet_v3_small", "--grad-checkpoint", "--max-steps", "1", "--workers", "0",
+                         "--out", str(out)])
+    assert calls == [common.PooledFeatures]
+    ckpt = common.load_checkpoint(str(out / "checkpoint.pt"), "emp_ssl")
+    assert ckpt["step"] == 1 and ckpt["args"]["grad_checkpoint"] and ckpt["probe"]["arch"] == "mobilenet_v3_small"
+    torch.manual_seed(0)
+    init = emp_ssl.EMPNet("mobilenet_v3_small", "cifar", ckpt["args"]["proj"]).state_dict()
+    assert all(torch.isfinite(v.float()).all() for v in ckpt["model"].values())
+    assert not torch.equal(init["projector.0.weight"], ckpt["model"]["projector.0.weight"])  # the step trained
+
+
 # --- per-data-set defaults (Sec. 3 settings) -----------------------------------------------
 
 
@@ -324,21 +370,25 @@ def test_bad_input_is_one_line_exit_2_and_no_checkpoint(bad, needle, tmp_path, c
     assert not (out / "checkpoint.pt").exists()
 
 
-@pytest.mark.parametrize("content", ["garbage", "foreign", "not_effssl"])
-def test_resume_from_garbage_or_foreign_checkpoint_is_a_user_error(content, tmp_path, capsys, fast_synthetic):
+@pytest.mark.parametrize("content,needle", [("garbage", "cannot read checkpoint"), ("foreign", "belongs to bag_ssl"),
+                                            ("not_effssl", "not written by an effssl"),
+                                            ("old_format", "not written by an effssl")])
+def test_resume_from_garbage_or_foreign_checkpoint_is_a_user_error(content, needle, tmp_path, capsys, fast_synthetic):
     out = tmp_path / "run"
     out.mkdir()
     path = out / "checkpoint.pt"
     if content == "garbage":
         path.write_bytes(b"this is not a checkpoint\x00\x01")
     elif content == "foreign":  # another method's checkpoint
-        torch.save({"method": "bag_ssl", "args": {}, "backbone": {}, "model": {}}, path)
+        torch.save({"method": "bag_ssl", "args": {}, "backbone": {}, "model": {}, "probe": {}}, path)
+    elif content == "old_format":  # this method's checkpoint of the format before `probe` was saved in it
+        torch.save({"method": "emp_ssl", "args": {}, "backbone": {}, "model": {}}, path)
     else:  # a torch file that no effssl script wrote
         torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
     before = path.read_bytes()
     code, err = user_error(TINY + ["--resume", "--out", str(out), "--max-steps", "1"], capsys)
     assert code == 2
-    assert len(err) == 1 and err[0].startswith("error:") and "checkpoint" in err[0], err
+    assert len(err) == 1 and err[0].startswith("error:") and "checkpoint" in err[0] and needle in err[0], err
     assert path.read_bytes() == before  # left as it was, nothing written over it
 
 
@@ -393,7 +443,8 @@ def test_resume_after_a_crash_mid_epoch_equals_the_uninterrupted_run(tmp_path):
     common_args = TINY + ["--epochs", "2", "--save-every", "3"]
     crash_out = str(tmp_path / "crash")
     full = start_cli(common_args + ["--out", str(tmp_path / "full")], env=env)  # the two run side by side
-    crashed = finish(start_cli(common_args + ["--out", crash_out], env={**env, "EFFSSL_CRASH_AT_STEP": "7"}))
+    crashed = finish(start_cli(["7", "emp_ssl.py", *common_args, "--out", crash_out], env=env,
+                               module=("tests/crash_at.py",)))  # dies after step 7
     full = finish(full)
     assert full.returncode == 0, full.stderr[-2000:]
     assert crashed.returncode != 0

@@ -89,10 +89,18 @@ def make_fake_imagenet(root):
     return made
 
 
+def scan_folder(root):
+    """(classes, files, labels) of an ImageFolder tree, scanned as common's loaders scan it (torchvision's)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    classes, class_to_idx = find_classes(root)
+    samples = make_dataset(root, class_to_idx, IMG_EXTENSIONS)
+    return classes, [f for f, _ in samples], [c for _, c in samples]
+
+
 def first_file_read(train_dir):
     """The file of index perm[0] of epoch 0 (seed 0): the first image rank 0 decodes in training,
     found with epoch_batches itself on a stand-in in-memory set of the same length."""
-    _, files, labels = common._scan_folder(train_dir)
+    _, files, labels = scan_folder(train_dir)
     stand_in = common.ImageSet(torch.tensor(labels), 100, 1, images=torch.zeros(len(files), 1, 1, 1))
     _, _, idx = next(common.epoch_batches(stand_in, BATCH, 0, 0, rank=0, world=2))
     return files[idx[0]]
@@ -313,7 +321,7 @@ def test_probe_numbers_equal_a_direct_computation(runs, in100, tmp_path, one_thr
     te_f = _bag_features(backbone, test.get(torch.arange(6)), ckpt["probe"], 1)
     assert res["eval"][0]["knn"]["k5"] == pytest.approx(_knn_top1(tr_f, train.labels, te_f, test.labels, 5))
     # (2) test split = train split: 12 in100 train images, linked into 6 class folders
-    _, files, labels = common._scan_folder(os.path.join(in100["out"], "train"))
+    _, files, labels = scan_folder(os.path.join(in100["out"], "train"))
     tree = tmp_path / "same"
     for f, c in zip(files[:12], labels[:12]):
         os.makedirs(tree / "train" / f"c{c}", exist_ok=True)
@@ -334,7 +342,7 @@ def test_probe_numbers_equal_a_direct_computation(runs, in100, tmp_path, one_thr
 def test_rrc_views_cut_a_quarter_of_the_full_image(in100):
     """RandomResizedCrop(scale=(0.25, 0.25)): every box covers a quarter of the full-resolution
     image, up to the rounding of its sides, with aspect ratio in [3/4, 4/3]."""
-    _, files, _ = common._scan_folder(os.path.join(in100["out"], "train"))
+    _, files, _ = scan_folder(os.path.join(in100["out"], "train"))
     g = torch.Generator().manual_seed(0)
     for f in files[:6]:
         img = common.decode_image(f, None)

@@ -307,7 +307,9 @@ def test_run_with_fraction_views_and_vicreg_writes_a_probeable_checkpoint(tmp_pa
     proj = common.projector(2048 if a["arch"] == "resnet50" else 512, probe["proj"], bias=probe["proj_bias"])
     proj.load_state_dict({k[len("projector."):]: v for k, v in ck["model"].items() if k.startswith("projector.")})
     assert json.loads((out / "args.json").read_text())["train_fraction"] == 0.25
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rec) == 4 and ck["probe"]["represent"] == "image"
+    assert all("views_per_s" in x and "patches_per_s" not in x for x in rec)  # the rate counts views
     for bad in (["--views", "1"], ["--train-fraction", "0"], ["--p-gray", "2"]):
         with pytest.raises(common.UserError):
             ma.main([*TINY, *bad, "--out", str(tmp_path / "bad")])
@@ -318,7 +320,8 @@ def test_resume_after_crash_mid_epoch_equals_uninterrupted_run(tmp_path, capsys)
     """2 steps per epoch, 2 epochs; the script killed after step 3 (mid epoch 2, last checkpoint
     at step 3), resumed with --resume: the final weights equal the uninterrupted run's."""
     common_args = [*TINY, "--views", "2", "--subset", "16", "--batch-size", "8", "--epochs", "2", "--save-every", "1"]
-    crashed = _run([*common_args, "--out", str(tmp_path / "res")], env={"EFFSSL_CRASH_AT_STEP": "3"}, check=False)
+    crashed = _run(["3", "multiaug_ssl.py", *common_args, "--out", str(tmp_path / "res")], check=False,
+                   script="tests/crash_at.py")  # dies after step 3
     assert crashed.returncode == 137
     ck = torch.load(tmp_path / "res" / "checkpoint.pt", weights_only=True)
     assert (ck["step"], ck["epoch"]) == (3, 1)  # one step into epoch 2

@@ -1,5 +1,6 @@
 """Tests of npid_sqrtkl.py: the paper's worked example, Grad Update against Eq. (5) and autograd,
 the chunked softmax, Feature Calibrate and the Table 6 flags, 2-process banks, resume, learning."""
+import json
 import math
 import os
 import subprocess
@@ -179,7 +180,8 @@ def _untrained_features(images, out_size, blocks=1, seed=0, bn="train"):
     torch.manual_seed(seed)
     net = npid.NPIDNet("resnet18", "cifar", "128").train(bn == "train")
     mean, std = common.data_stats("synthetic")
-    x = F.interpolate(images.float() / 255, size=(out_size, out_size), mode="bilinear", align_corners=False)
+    x = F.interpolate(images.float() / 255, size=(out_size, out_size), mode="bilinear", align_corners=False,
+                      antialias=True)  # the whole image resized as common.central_view does
     x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     with torch.no_grad():
         cut = [k * len(x) // blocks for k in range(blocks + 1)]
@@ -277,6 +279,10 @@ def test_table6_flags_change_what_table6_says(tmp_path):
                         ("no_calibrate", ["--no-calibrate"])]:
         npid.main(TINY + ["--epochs", "1", "--max-steps", "1", "--out", str(tmp_path / name)] + extra)
         runs[name] = _bank(tmp_path / name)
+    # the probe represents the whole image: the logged rate counts views (one per image), not patches
+    rec = [json.loads(line) for line in open(tmp_path / "ours" / "metrics.jsonl")]
+    assert runs["ours"]["probe"]["represent"] == "image" and rec and all("views_per_s" in x for x in rec)
+    assert not any("patches_per_s" in x for x in rec)
     train = common.synthetic_set("train").subset(common.subset_indices(10000, 48))
     first = next(common.epoch_batches(train, 16, 0, 0))[2]
     rest = torch.ones(48, dtype=torch.bool)
@@ -328,8 +334,8 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path):
     args = TINY + ["--epochs", "2", "--max-steps", "4", "--save-every", "2", "--bank-chunk", "10"]
     npid.main(args + ["--out", str(tmp_path / "full")])
     crash = tmp_path / "crash"
-    r = subprocess.run([sys.executable, "npid_sqrtkl.py", *args, "--out", str(crash)], cwd=ROOT,
-                       env=dict(os.environ, EFFSSL_CRASH_AT_STEP="3"), capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "tests/crash_at.py", "3", "npid_sqrtkl.py", *args, "--out", str(crash)],
+                       cwd=ROOT, capture_output=True, text=True)  # dies after step 3
     assert r.returncode == 137, r.stderr[-2000:]
     assert _bank(crash)["step"] == 2  # killed after step 3, before the epoch-end save: step 3 is lost
     npid.main(args + ["--out", str(crash), "--resume"])  # resumes mid-epoch 0, crosses into epoch 1

@@ -29,6 +29,7 @@ import sys
 
 import numpy as np
 import torch
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
@@ -83,7 +84,12 @@ def read_split(root, limit=None, seed=0, workers=4):
     split folder, in a fixed seeded order; `limit` keeps the first N of that order."""
     if not os.path.isdir(root):
         fail(f"'{root}' not found: expected a CIFAR-10 ImageFolder split (one sub-folder per class)")
-    classes, files, labels = common._scan_folder(root)
+    try:  # torchvision's ImageFolder scan, as common's loaders: class folders sorted, images below them
+        classes, class_to_idx = find_classes(root)
+    except FileNotFoundError:  # no class folder at all
+        classes, class_to_idx = [], {}
+    samples = make_dataset(root, class_to_idx, IMG_EXTENSIONS, allow_empty=True)
+    files, labels = [f for f, _ in samples], [y for _, y in samples]
     if sorted(classes) != sorted(CLASSES):
         fail(f"'{root}' is not a CIFAR-10 split: its class folders are {classes[:12]}, expected "
              f"{', '.join(CLASSES)}")
