@@ -603,7 +603,8 @@ def load_dataset(name, data_dir, split, image_size=None, workers=0, download=Fal
     if not os.path.isdir(data_dir):
         fail(f"data directory '{data_dir}' not found: expected {hint}")
     ds = _torchvision_set(name, data_dir, split, download) if name in TORCHVISION else None
-    subs = {"test": ["test", "val"], "ssl": ["unlabeled", "train"] if name == "stl10" else ["train"]}
+    subs = {"test": ["val"] if name == "tinyimagenet" else ["test", "val"],  # Tiny ImageNet's test/ has no labels
+            "ssl": ["unlabeled", "train"] if name == "stl10" else ["train"]}
     subs = subs.get(split, [split])
     root = next((os.path.join(data_dir, s) for s in subs if os.path.isdir(os.path.join(data_dir, s))), None)
     if ds is None and root is None:
@@ -759,10 +760,12 @@ def resolve_common(args, method):
     if args.schedule_epochs is not None and args.schedule_epochs < args.epochs:
         fail(f"--schedule-epochs {args.schedule_epochs} is shorter than --epochs {args.epochs}")
     out, parent = args.out, args.out  # a folder this process can write, holding no other run unless --resume
-    while not os.path.isdir(parent) and parent not in ("", "/"):
+    while parent and not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if os.path.exists(out) and not os.path.isdir(out) or not os.access(parent or ".", os.W_OK | os.X_OK):
-        fail(f"cannot write to --out {out} (" + ("a file" if os.path.isfile(out) else "permission denied") + ")")
+    if not os.path.isdir(parent or "."):
+        fail(f"cannot write to --out {out} ({'a file' if parent == out else parent + ' is a file'})")
+    if not os.access(parent or ".", os.W_OK | os.X_OK):
+        fail(f"cannot write to --out {out} (permission denied)")
     if os.path.exists(os.path.join(out, "checkpoint.pt")) and not args.resume:
         fail(f"{out} already holds a run (checkpoint.pt): pass --resume to continue it, or choose another --out")
     return args
@@ -966,7 +969,7 @@ def host_memory():
         return None
 
 
-_HELD = []  # the run folder's lock file, open for the life of the process
+_HELD = {}  # the run folders' lock files this process holds, open for its life
 
 
 def lock_run_folder(out):
@@ -977,7 +980,10 @@ def lock_run_folder(out):
     import fcntl
     import socket
     os.makedirs(out, exist_ok=True)
-    f = open(os.path.join(out, ".lock"), "a+")
+    path = os.path.realpath(os.path.join(out, ".lock"))
+    if path in _HELD:  # this process holds it already (main() called again in one process)
+        return
+    f = open(path, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -986,7 +992,7 @@ def lock_run_folder(out):
     f.truncate(0)
     f.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
     f.flush()
-    _HELD.append(f)
+    _HELD[path] = f
 
 
 def write_metrics(out, record):

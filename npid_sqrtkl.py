@@ -1,21 +1,18 @@
 """NPID + SqrtKL: efficient single-branch instance discrimination (Cao & Wu, "On Improving the
 Algorithm-, Model-, and Data- Efficiency of Self-Supervised Learning", 2024, arXiv:2404.19289).
 
-One augmented crop of each image per step goes through one network; every training image is its
-own class, represented by a row of a memory bank W (NPID, Wu et al. 2018, arXiv:1805.01978). Three changes to NPID:
-the bank starts from the untrained network's features (Feature Calibrate, Sec. 3.2), bank rows
-move along the negative gradient of the batch's loss rather than towards their own feature only
-(Grad Update, Eq. 5-6), and a self-distillation term KL(p || sqrt(p)/sum sqrt(p)) spreads the
-gradient over many rows (SqrtKL, Eq. 7 and 13).
+One augmented crop of each image per step goes through one network; every training image is its own
+class, a row of a memory bank W (NPID, Wu et al. 2018, arXiv:1805.01978). Three changes to NPID: the
+bank starts from the untrained network's features (Feature Calibrate, Sec. 3.2), bank rows move along
+the negative gradient of the batch's loss (Grad Update, Eq. 5-6), and a self-distillation term
+KL(p || sqrt(p)/sum sqrt(p)) spreads the gradient over many rows (SqrtKL, Eq. 7 and 13).
 
-CIFAR-10, ResNet-18, 400 epochs (91.1 % linear, Table 1; the paper's linear probe follows SSQL:
-augmented train images every epoch, SGD lr 30, eval_linear.py --linear-aug):
+CIFAR-10, ResNet-18, 400 epochs (91.1 % linear, Table 1; the paper's linear probe follows SSQL):
     python npid_sqrtkl.py --out runs/npid
     python eval_linear.py --ckpt runs/npid --mode central --linear-aug
 Table 6 rows: --no-calibrate, --no-grad-update, --lam 0. Multi-GPU (batch is global):
     torchrun --nproc_per_node=4 npid_sqrtkl.py --dataset in100
-
-Memory of the softmax over the bank, and --bank-chunk: README, "NPID memory bank: what fits".
+Short runs: see --lam. The softmax's memory, and --bank-chunk: README, "NPID memory bank: what fits".
 """
 import math
 
@@ -39,34 +36,30 @@ def parse_args(argv=None):
     a("--proj", default="128", help="head after the backbone: one linear layer to 128-d, as NPID (Sec. 3.1)")
     a("--temperature", type=common.POSITIVE, default=0.1,
       help="tau in s = W z / tau (NPID's CIFAR value 0.1; the paper's Eq. 1 omits it)")
-    # lambda 20 is the paper's, for 400 epochs; in short runs see docs/results.md#npid-short-runs
-    a("--lam", type=common.NONNEG, default=20.0, help="lambda, weight of L_SqrtKL (Eq. 13, Sec. 4.1: 20; Fig. 5; 0 = Table 6 without SqrtKL)")
+    a("--lam", type=common.NONNEG, default=20.0,
+      help="lambda, weight of L_SqrtKL (Eq. 13, Sec. 4.1: 20; 0 = Table 6 without SqrtKL). Expect lambda 20 to hold the "
+           "bank softmax flat in the first epochs (CE at log N, instance accuracy 0 on 10,000 CIFAR-10 images; "
+           "docs/results.md#npid-readings): --lam 0 is the one that learns in short runs")
     a("--sqrtkl-part", default="full", choices=["full", "l1", "l2"],
       help="which part of L_SqrtKL = L1 + L2 to use (Eq. 12; Table 8 ablation)")
-    a("--bank-momentum", type=common.Number(float, 0, 1, open_hi=True, says="in [0, 1)"), default=0.5, help="m of the bank update, Eq. (3)/(6) (Sec. 4.1: 0.5; Fig. 4)")
+    a("--bank-momentum", type=common.Number(float, 0, 1, open_hi=True, says="in [0, 1)"), default=0.5,
+      help="m of the bank update, Eq. (3)/(6) (Sec. 4.1: 0.5; Fig. 4)")
     a("--no-calibrate", action="store_true", help="random bank as NPID instead of Feature Calibrate (Table 6)")
-    a("--calibrate-bn", default="eval", choices=["train", "eval"],
-      help="BatchNorm during Feature Calibrate (Cao & Wu 2024, arXiv:2404.19289, Sec. 3.2, which does not say): "
-           "eval = the untrained network's running statistics (mean 0, variance 1; default: NPID's code computes "
-           "every bank feature it extracts in eval mode, lemniscate.pytorch test.py); "
-           "train = batch statistics, as step 0 of training computes z")
+    a("--calibrate-bn", default="eval", choices=["train", "eval"], help="BatchNorm in Feature Calibrate (Sec. 3.2 does not "
+      "say): eval = running statistics, as NPID's code extracts bank features (test.py); train = batch statistics")
     a("--no-grad-update", action="store_true", help="NPID's update Eq. (3) instead of Grad Update Eq. (6) (Table 6)")
     a("--bank-grad", default="ce", choices=["ce", "full"],
       help="Grad Update's direction: the negative gradient with respect to the batch's bank rows of the batch's "
            "CE (ce: Eq. 4-5, as Sec. 3.2 derives it) or of the whole loss L = CE + lambda SqrtKL (full: Eq. 13)")
     a("--bank-chunk", type=common.COUNT0, default=0,
       help="softmax over the bank in chunks of this many rows (0 = all at once; README: NPID memory bank)")
-    # The paper names no augmentation: NPID's (Wu et al. 2018, arXiv:1805.01978; the official
-    # lemniscate.pytorch cifar.py): RandomResizedCrop(scale=(0.2, 1)), ColorJitter(0.4, 0.4, 0.4, 0.4)
-    # on every image, RandomGrayscale(0.2), no flip; its ImageNet code (main.py) also flips.
+    # The paper names no augmentation: NPID's (Wu et al. 2018, arXiv:1805.01978, lemniscate.pytorch cifar.py)
     a("--jitter", type=common.NONNEG, nargs=4, default=(0.4, 0.4, 0.4, 0.4), metavar=("B", "C", "S", "H"),
       help="colour-jitter strength: brightness, contrast, saturation, hue (NPID's code: 0.4 0.4 0.4 0.4)")
     a("--p-jitter", type=common.PROB, default=1.0, help="colour-jitter probability (NPID's code: 1, always)")
     a("--p-gray", type=common.PROB, default=0.2, help="grayscale probability (NPID's code: 0.2)")
-    a("--flip", type=common.PROB, default=None,
-      help="horizontal-flip probability (default: NPID's code: 0 on data up to 64 px, its CIFAR code has "
-           "RandomHorizontalFlip commented out; 0.5 on ImageNet-sized data, e.g. --dataset in100, as its ImageNet "
-           "code, main.py)")
+    a("--flip", type=common.PROB, default=None, help="horizontal-flip probability (default, NPID's code: 0 up to 64 px, "
+      "its CIFAR code has the flip commented out; 0.5 on ImageNet-sized data, as its main.py)")
     args = p.parse_args(argv)
     imagenet = (args.image_size or common.IMAGE_SIZE.get(args.dataset, 224)) > 64  # the ImageNet stem's data
     args.epochs = args.epochs or (200 if imagenet else 400)
@@ -225,10 +218,8 @@ def random_bank(n, dim, seed):
 
 
 def augmentation(args):
-    """The crop's augmentation: --flip, ColorJitter(--jitter) with --p-jitter, grayscale --p-gray; no
-    blur, no solarization (NPID's CIFAR code: the crop of scale (0.2, 1), ColorJitter(0.4, 0.4, 0.4,
-    0.4) always, grayscale 0.2, no flip). NPID's ImageNet code draws the grayscale before the jitter;
-    here it follows the jitter (as in the CIFAR code)."""
+    """The crop's augmentation: --flip, ColorJitter(--jitter) with --p-jitter, grayscale --p-gray after it,
+    no blur, no solarization (NPID's CIFAR code: crop scale (0.2, 1), jitter 0.4 x 4 always, grey 0.2)."""
     return common.AugConfig(flip=args.flip, jitter=tuple(args.jitter), p_jitter=args.p_jitter, p_gray=args.p_gray,
                             p_blur=0.0, p_solarize=0.0, mean=args.norm_mean, std=args.norm_std)
 

@@ -57,19 +57,19 @@ def knn(folder, data_dir, extra=()):
 
 def train(name, seed, args, rows):
     flags = READINGS[name][0]
-    folder = os.path.join(args.work, f"{name}-s{seed}")
+    folder = os.path.join(args.work, f"{name}-s{seed}-b{args.batch_size}")
     shutil.rmtree(folder, ignore_errors=True)
     cmd = [sys.executable, "npid_sqrtkl.py", "--dataset", "cifar10", "--data-dir", args.data_dir, "--subset", "10000",
-           "--out-size", "16", "--batch-size", "512", "--epochs", str(args.epochs), "--schedule-epochs", "400",
+           "--out-size", "16", "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--schedule-epochs", "400",
            "--log-every", "1", "--workers", "2", "--seed", str(seed), "--out", folder, *flags]
     _, wall, cpu = run(cmd)
     with open(os.path.join(folder, "metrics.jsonl")) as f:
         curve = [{k: round(r[k], 4) for k in ("step", "ce", "sqrtkl", "inst_acc")} for r in map(json.loads, f)]
-    key = f"random-s{seed}"
+    key = f"random-s{seed}"  # the probe does not depend on the batch
     probe = knn(folder, args.data_dir, [] if key in rows else ["--compare-random"])
     if key not in rows:  # the random-init floor of the probe (same architecture, normalisation, images)
         rows[key] = {"name": key, "seed": seed, "knn_k20": probe["random"]["knn"]["k20"]}
-    row = {"name": name, "seed": seed, "flags": " ".join(flags), "reads": READINGS[name][1],
+    row = {"name": name, "seed": seed, "batch": args.batch_size, "flags": " ".join(flags), "reads": READINGS[name][1],
            "knn_k20": probe["knn"]["k20"], "wall_min": round(wall / 60, 1), "cpu_min": round(cpu / 60, 1),
            "load": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d %H:%M"), "cmd": " ".join(cmd[1:]),
            "curve": curve}
@@ -85,14 +85,29 @@ def plot(rows):
         if "curve" not in r:
             continue
         s = [c["step"] for c in r["curve"]]
-        line = a1.plot(s, [c["inst_acc"] for c in r["curve"]], label=f"{r['name']} s{r['seed']}",
+        line = a1.plot(s, [c["inst_acc"] for c in r["curve"]], label=f"{r['name']} s{r['seed']} b{r.get('batch', 512)}",
                        ls="-" if r["seed"] == 0 else "--")[0]
         a2.plot(s, [c["ce"] for c in r["curve"]], color=line.get_color(), ls=line.get_linestyle())
-    a1.set(xlabel="step (19 a 10,000-image epoch of batch 512)", ylabel="instance accuracy %")
+    a1.set(xlabel="step (an epoch of 10,000 images: 19 steps of 512, 78 of 128)", ylabel="instance accuracy %")
     a2.set(xlabel="step", ylabel="CE (log N = 9.21 at tau 0.1 and 1 alike)")
     a1.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(os.path.join(OUT, "curves.png"), dpi=90)
+
+
+def table(rows):
+    """The results page's table: per run, CE at steps 1 / lowest / last, instance accuracy (last, highest),
+    SqrtKL at the end, k-NN against random init, minutes."""
+    print("| reading | flags | batch | seed | CE step 1 / lowest (step) / last | inst. acc. last / max % | SqrtKL last "
+          "| k-NN k20 (random) | wall / CPU min (load) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in sorted((r for r in rows.values() if "curve" in r), key=lambda r: (r.get("batch", 512), r["name"], r["seed"])):
+        c, low = r["curve"], min(r["curve"], key=lambda x: x["ce"])
+        rnd = rows[f"random-s{r['seed']}"]["knn_k20"]
+        print(f"| {r['name']} | `{r['flags'] or '(default)'}` | {r.get('batch', 512)} | {r['seed']} | {c[0]['ce']:.3f} / "
+              f"{low['ce']:.3f} ({low['step']}) / {c[-1]['ce']:.3f} | {c[-1]['inst_acc']:.1f} / "
+              f"{max(x['inst_acc'] for x in c):.1f} | {c[-1]['sqrtkl']:.4f} | {r['knn_k20']:.1f} ({rnd:.1f}) | "
+              f"{r['wall_min']} / {r['cpu_min']} ({r['load']}) |")
 
 
 def main():
@@ -100,30 +115,32 @@ def main():
     p.add_argument("--readings", default="paper,lam0", help=f"comma-separated, of: {', '.join(READINGS)}")
     p.add_argument("--seeds", default="0")
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=512, help="the paper's 512 (Sec. 4.1); 128: 78 steps an epoch")
     p.add_argument("--data-dir", default=os.environ.get("EFFSSL_CIFAR10", os.path.join(ROOT, "cache", "cifar10")))
     p.add_argument("--work", default=os.path.join(ROOT, "runs", "npid-readings"))
-    p.add_argument("--plot", action="store_true", help="only draw curves.png from rows.jsonl")
+    p.add_argument("--plot", action="store_true", help="only draw curves.png from rows.jsonl and print the table")
     args = p.parse_args()
     os.makedirs(OUT, exist_ok=True)
     path = os.path.join(OUT, "rows.jsonl")
     rows = {}
     if os.path.exists(path):
         with open(path) as f:
-            rows = {(r["name"] if r["name"].startswith("random") else (r["name"], r["seed"])): r for r in map(json.loads, f)}
+            rows = {(r["name"] if r["name"].startswith("random") else (r["name"], r["seed"], r.get("batch", 512))): r
+                    for r in map(json.loads, f)}
     if not args.plot:
         for seed in map(int, args.seeds.split(",")):
             for name in args.readings.split(","):
-                if (name, seed) in rows:
+                if (name, seed, args.batch_size) in rows:
                     continue
-                rows[(name, seed)] = train(name, seed, args, rows)
-                r = rows[(name, seed)]
-                print(f"{name} s{seed}: inst_acc {r['curve'][-1]['inst_acc']:.1f} ce {r['curve'][-1]['ce']:.3f} "
+                r = rows[(name, seed, args.batch_size)] = train(name, seed, args, rows)
+                print(f"{name} s{seed} b{args.batch_size}: inst_acc {r['curve'][-1]['inst_acc']:.1f} ce {r['curve'][-1]['ce']:.3f} "
                       f"k20 {r['knn_k20']:.2f} (random {rows[f'random-s{seed}']['knn_k20']:.2f}) "
                       f"{r['wall_min']} min, load {r['load']}", flush=True)
                 with open(path + ".tmp", "w") as f:
                     f.writelines(json.dumps(v) + "\n" for v in rows.values())
                 os.replace(path + ".tmp", path)
     plot(rows)
+    table(rows)
 
 
 if __name__ == "__main__":

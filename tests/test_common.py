@@ -1,7 +1,9 @@
 """Tests of common.py: augmentation ops against torchvision's per-image functional ops, patch
 and view sampling against F.interpolate, LARS and the cosine schedule against hand
 computations, gather / gather_views / DDP in 2 gloo processes against 1 process, checkpoint
-safety, data loading, the k-NN probe and bag-of-features. CPU only, about a minute."""
+safety, data loading, the k-NN probe and bag-of-features; the fence in common.py (the science above it
+uses nothing of the harness below) and the line budgets. CPU only, about a minute."""
+import argparse
 import ast
 import math
 import os
@@ -263,10 +265,19 @@ def test_sample_patches_positions_cover_the_image_uniformly():
         assert len(counts) == 17 and counts.min() > 0.6 * counts.float().mean()
 
 
-def test_patch_larger_than_image_is_a_user_error():
+def test_patch_larger_than_image_or_batch_larger_than_set_is_a_user_error(cached_synthetic):
     common.check_patch(32, 32)  # the whole image is a patch
     with pytest.raises(common.UserError, match="--patch-size 33"):
         common.check_patch(33, 32)
+    # load_train_set checks both, on the set it returns (--subset applied)
+    args = argparse.Namespace(dataset="synthetic", data_dir=None, image_size=None, workers=0, download=False,
+                              seed=0, subset=20, batch_size=20)
+    assert len(common.load_train_set(args, patch_size=32)) == 20
+    with pytest.raises(common.UserError, match="--patch-size 33 is larger than the 32px images"):
+        common.load_train_set(args, patch_size=33)
+    args.batch_size = 21
+    with pytest.raises(common.UserError, match="--batch-size 21 is larger than the 20 training images"):
+        common.load_train_set(args)
 
 
 def test_random_resized_boxes_inside_with_area_and_ratio_in_range():
@@ -818,8 +829,8 @@ def file_lines(name):
 
 METHOD_FILES = ("emp_ssl.py", "bag_ssl.py", "multiaug_ssl.py", "npid_sqrtkl.py")
 FILE_LIMITS = {**{f: 300 for f in METHOD_FILES}, "eval_linear.py": 350}
-SHRINKING = "being shrunk: over its line budget when this test was written"
-OVER = {}  # files over their budget when this test was written: marked below
+SHRINKING = "being shrunk: over its line budget when this test was written (npid_sqrtkl.py 308, eval_linear.py 395)"
+OVER = {"npid_sqrtkl.py", "eval_linear.py"}  # over their budget when this test was written: expected to fail
 
 
 def test_run_class_fits_in_150_lines():

@@ -4,11 +4,11 @@ trap's SIGTERM makes torchrun's workers save the step in progress, `scontrol req
 and the next allocation resumes; the finished run equals an uninterrupted one bit for bit.
 
 Only the sizing of the script changes: no GPUs, 2 CPU ranks, a two-minute limit, a tiny synthetic run.
-SLURM checks time limits in 30 s rounds and sends --signal early (sbatch(1): up to 60 s): with
---time=1 and USR1@1 the signal came 30, 45, 47 and 54 s into an allocation here, so with --time=2 and
-USR1@31 it comes 59-89 s in, and the kill at the time limit a round later, time enough for the trap.
-An allocation trains for what is left after torchrun's start (15-40 s on 2 busy cores), and the run
-is sized, by a measured step, to take longer than an allocation lasts before its USR1.
+SLURM checks time limits in rounds of about 30 s and sends --signal early (sbatch(1): up to 60 s):
+with --time=1 and USR1@1 the signal came 30-54 s into an allocation here, with --time=2 and USR1@31
+(used here) 84-87 s in, the kill at the time limit a round later, time enough for the trap. An
+allocation trains for what is left after torchrun's start, which took 15-40 s on 2 busy cores (a
+one-minute limit left too little), and the run is sized, by a measured step, to outlast the 89 s.
 """
 import json
 import math

@@ -175,8 +175,6 @@ def test_tinyimagenet_val_bad_input_is_one_error_line_and_exit_2(tmp_path):
     assert sorted(os.listdir(base / "val" / "images")) == before  # every line checked before a move
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: common.load_dataset reads the archive's unlabelled "
-                   "test/images/ as the tinyimagenet test split (subs 'test' before 'val'), one class 'images'")
 def test_tinyimagenet_test_split_is_val_not_the_unlabelled_test_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("EFFSSL_CACHE", str(tmp_path / "cache"))
     base, colours = tiny_imagenet(tmp_path, with_test=True)  # the archive holds test/images/, unlabelled
