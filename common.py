@@ -3,6 +3,7 @@ method. First the science: patches and augmentations batched on the training dev
 projector, LARS and the cosine schedule, gathering over ranks, bag of features and k-NN. Below the
 fence, the harness: data sets and loaders, the command line, processes and `Run` (the run folder)."""
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -621,41 +622,25 @@ def steps_per_epoch(n, batch_size):
     return n // batch_size  # the last incomplete global batch is dropped
 
 
-def epoch_batches(ds, batch_size, epoch, seed, rank=0, world=1, start=0, workers=0, views=None):
+def epoch_batches(ds, batch_size, epoch, seed, rank=0, world=1, start=0, workers=0):
     """Yield (uint8 images, labels, indices) of this rank's slice of each global batch of an epoch, from
     batch `start` on. The order is a permutation seeded by (seed, epoch): the ranks together see the
-    batches one process would. `views(files, generator)` (file data sets, picklable) replaces the decode
-    in the loader workers, e.g. crops of the full-resolution images, from a generator seeded by (seed,
-    epoch, step, rank): the crops depend neither on the number of workers nor on a resume."""
+    batches one process would. Image files are decoded in `workers` loader processes."""
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
     local, steps = batch_size // world, steps_per_epoch(len(ds), batch_size)
     chunks = [perm[s * batch_size + rank * local: s * batch_size + (rank + 1) * local] for s in range(start, steps)]
     if ds.images is not None:
         yield from ((ds.images[idx], ds.labels[idx], idx) for idx in chunks)
         return
-    seeds = [(seed, epoch, s, rank) for s in range(start, steps)]
-    prefetch = (2 if views is not None else 4) if workers else None  # a views batch is n times larger
-    for imgs, idx in torch.utils.data.DataLoader(_FileBatches(ds, chunks, views, seeds), batch_size=None,
-                                                 num_workers=workers, pin_memory=torch.cuda.is_available(),
-                                                 prefetch_factor=prefetch):
+    decode = functools.partial(_decode_batch, ds.files, ds.size)
+    for imgs, idx in torch.utils.data.DataLoader(chunks, batch_size=None, collate_fn=decode, num_workers=workers,
+                                                 prefetch_factor=4 if workers else None,
+                                                 pin_memory=torch.cuda.is_available()):
         yield imgs, ds.labels[idx], idx
 
 
-class _FileBatches(torch.utils.data.Dataset):
-    """One precomputed batch of files per item, decoded (or cut into views) by a DataLoader worker."""
-
-    def __init__(self, ds, chunks, views, seeds):
-        self.ds, self.chunks, self.views, self.seeds = ds, chunks, views, seeds
-
-    def __len__(self):
-        return len(self.chunks)
-
-    def __getitem__(self, i):
-        files = [self.ds.files[j] for j in self.chunks[i].tolist()]
-        if self.views is None:
-            return load_files(files, self.ds.size), self.chunks[i]
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence(self.seeds[i]).generate_state(1)[0]))
-        return self.views(files, g), self.chunks[i]
+def _decode_batch(files, size, idx):
+    return load_files([files[j] for j in idx.tolist()], size), idx
 
 
 # --- command line ---
@@ -943,32 +928,6 @@ def quick_knn(features_fn, train_set, test_set, device, n_train=5000, n_test=100
     return (pred.cpu() == te.labels).float().mean().item() * 100
 
 
-PATCH_BYTES = 4.6e6  # saved activations of one 32 px input through ResNet-18 (CIFAR stem), float32, fwd + bwd
-
-
-def step_memory(inputs, out_size, stem):
-    """Bytes a step of `inputs` network inputs holds, by estimate: PATCH_BYTES a 32 px input scaled by its
-    area (the ImageNet stem divides the side by 4 first); the larger ResNets need more."""
-    return inputs * PATCH_BYTES * ((out_size / 4 if stem == "imagenet" else out_size) / 32) ** 2
-
-
-def check_memory(run):
-    """On a CPU, a run whose step cannot fit this machine is refused before it starts (one line)."""
-    need, have = step_memory(run.inputs / world_size(), run.probe["out_size"], run.probe["stem"]), host_memory()
-    if run.device.type == "cpu" and have and need > have:
-        fail(f"a step of {run.inputs // world_size()} {run.unit} of {run.probe['out_size']} px needs about "
-             f"{need / 2**30:.1f} GiB by estimate, this machine has {have / 2**30:.1f}: {run.fixes}, or a GPU")
-
-
-def host_memory():
-    """Bytes of memory this machine can give a new process (MemAvailable), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
 _HELD = {}  # the run folders' lock files this process holds, open for its life
 
 
@@ -1030,14 +989,12 @@ class Run:
         self.args, self.model, self.optimizer, self.gen, self.train = args, model, optimizer, generator, train
         self.probe, self.inputs, self.state = probe, inputs, state if state is not None else {}
         self.unit = "patches" if probe["represent"] == "bag" else "views"
-        self.fixes = f"use a smaller --batch-size, fewer {self.unit} per image or a smaller --out-size"
         self.path, spe = os.path.join(args.out, "checkpoint.pt"), steps_per_epoch(len(train), args.batch_size)
         self.steps_per_epoch, self.total, self.horizon = spe, spe * args.epochs, spe * (args.schedule_epochs or args.epochs)
         self.last = min(self.total, args.max_steps or self.total)  # the step this run stops at
         self.steps, self.saved, self.epoch, self.signal, self.test = 0, None, 0, 0, None
         self.device = next(model.parameters()).device
         self.bad = torch.zeros((), dtype=torch.long, device=self.device)  # the first non-finite step, 0: none
-        check_memory(self)
         lock_run_folder(args.out)
         Run.active = self
         if args.resume and os.path.exists(self.path):
@@ -1069,7 +1026,7 @@ class Run:
         if is_main():
             print(f"resumed from {self.path} at step {self.steps}", flush=True)
 
-    def batches(self, views=None):
+    def batches(self):
         """This rank's (images, labels, indices) of each batch to the last step; checkpoint and probe each epoch."""
         a, rank = self.args, dist.get_rank() if dist.is_initialized() else 0
         for self.epoch in range(self.steps // self.steps_per_epoch, a.epochs):
@@ -1077,7 +1034,7 @@ class Run:
                 break
             self.model.train()
             for batch in epoch_batches(self.train, a.batch_size, self.epoch, a.seed, rank, world_size(),
-                                       self.steps - self.epoch * self.steps_per_epoch, a.workers, views):
+                                       self.steps - self.epoch * self.steps_per_epoch, a.workers):
                 yield batch
                 if self.steps >= self.last:
                     break
@@ -1179,8 +1136,9 @@ def run_cli(main, training=True):
         run, code = Run.active, 2
         msg = "error: out of memory: use a smaller --batch-size" if run is None else (
             f"error: out of memory in step {run.steps + 1} ({run.inputs // world_size()} {run.unit} of "
-            f"{run.probe['out_size']} px per rank): {run.fixes}, more ranks" + (", --grad-checkpoint" if getattr(
-                run.args, "grad_checkpoint", None) is False else "") + "; the last checkpoint is untouched")
+            f"{run.probe['out_size']} px per rank): use a smaller --batch-size, fewer {run.unit} per image or a "
+            f"smaller --out-size, more ranks{', --grad-checkpoint' * (getattr(run.args, 'grad_checkpoint', 1) is False)}"
+            "; the last checkpoint is untouched")
     except RuntimeError:
         run = Run.active
         if run is None or not run.signal:

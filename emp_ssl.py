@@ -17,7 +17,6 @@ The paper recipe holds 200 x 100 = 20,000 patches a step: a GPU's work (README, 
 recipes cost"; measured speeds: docs/results.md).
 Multi-GPU (batch is global): torchrun --nproc_per_node=4 emp_ssl.py --dataset in100
 """
-import functools
 
 import torch
 import torch.nn as nn
@@ -46,9 +45,8 @@ def parse_args(argv=None):
     a("--eta", type=common.POSITIVE, default=0.005, help="LARS trust coefficient (official code: 0.005)")
     a("--grad-checkpoint", action="store_true", help="recompute backbone activations in backward (CIFAR: 200 patches x batch 100 on one GPU; in100 needs several)")
     a("--patch-sampler", default="paper", choices=["paper", "official"],
-      help="paper: n patch-size crops of the resized, centre-cropped image (Sec. 2); official: the authors' "
-           "code, n RandomResizedCrop(out-size, scale 0.25, ratio 3/4-4/3, bicubic) of the full-resolution "
-           "image in the loader workers (in-memory sets such as CIFAR: scale 0.25, ratio 1, bilinear on the device)")
+      help="paper: n patch-size crops of the resized, centre-cropped image (Sec. 2); official: as the authors' "
+           "CIFAR code, n RandomResizedCrop(out-size, scale 0.25, ratio 1) of the image, bilinear on the device")
     return p.parse_args(argv)
 
 
@@ -124,29 +122,6 @@ class EMPNet(nn.Module):
         return F.normalize(self.projector(h), dim=1)
 
 
-# --- the authors' patch sampler on image files (--patch-sampler official) -----------------
-
-
-def rrc_views(img, n, out_size, scale, ratio, generator=None):
-    """n RandomResizedCrop(out_size, scale, ratio) views of one uint8 image [3,H,W], bicubic and
-    antialiased as torchvision's transform: (uint8 [n,3,out,out], boxes [n,4] top-left-h-w)."""
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2.functional import resized_crop
-    boxes = common.random_resized_boxes(n, img.shape[-2], img.shape[-1], scale, ratio, generator)
-    out = [resized_crop(img, *b.tolist(), [out_size, out_size], interpolation=InterpolationMode.BICUBIC,
-                        antialias=True) for b in boxes]
-    return torch.stack(out), boxes
-
-
-def rrc_file_views(files, generator, n, out_size, scale=(0.25, 0.25), ratio=(3 / 4, 4 / 3)):
-    """--patch-sampler official on image files (common.epoch_batches `views`): n RandomResizedCrop
-    views of each full-resolution image file, view-major uint8 [n*b,3,out,out] (row i*b + j is view i
-    of image j), as sample_patches orders patches.
-    Defaults: the EMP-SSL authors' ImageNet crop (Tong, Chen, Ma, LeCun 2023, arXiv:2304.03977)."""
-    per_image = [rrc_views(common.decode_image(f, None), n, out_size, scale, ratio, generator)[0] for f in files]
-    return torch.stack(per_image, 1).flatten(0, 1)
-
-
 # --- training -------------------------------------------------------------------------------
 
 
@@ -180,16 +155,11 @@ def main(argv=None):
     net = common.wrap_ddp(model, device, not args.no_sync_bn)
     if args.compile:
         net = torch.compile(net)
-    # --patch-sampler official on image files: crops of the full-resolution image, cut in the workers
-    views = functools.partial(rrc_file_views, n=n, out_size=args.out_size) \
-        if args.patch_sampler == "official" and train.files is not None else None
 
-    for imgs, _, _ in run.batches(views):
+    for imgs, _, _ in run.batches():
         lr = common.cosine_lr(run.steps, run.horizon, args.lr)  # cosine to 0, no warm-up (Sec. 3)
         common.set_lr(optimizer, lr)
-        if views is not None:  # --patch-sampler official: the workers sent view-major uint8 [n*b,3,out,out]
-            x = imgs.to(device, non_blocking=True).float().div_(255)
-        elif args.patch_sampler == "official":  # in memory: RandomResizedCrop(scale 0.25, ratio 1) per patch
+        if args.patch_sampler == "official":  # the authors' RandomResizedCrop(scale 0.25, ratio 1) per patch
             b, _, h, w = imgs.shape
             crop = common.random_resized_boxes(n * b, h, w, (0.25, 0.25), (1.0, 1.0), gen, device)
             x = common.resized_crops(imgs.to(device).repeat(n, 1, 1, 1), crop, args.out_size).div_(255)

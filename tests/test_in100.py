@@ -13,7 +13,6 @@ npid_sqrtkl's Feature Calibrate forwards all 200 training images once on rank 0.
 emp_ssl run and the two checks on it added 29 s (236 s against 207 s without them, run one after
 the other, load average 6-7 from other jobs).
 """
-import functools
 import json
 import os
 import re
@@ -184,8 +183,6 @@ def test_corrupt_file_is_reported_once_and_replaced(in100, capsys):
     assert a.shape == (3, 224, 224) and a.dtype == torch.uint8 and b.shape == (2, 3, 224, 224)
     assert (a == 128).all() and (b == 128).all()  # the grey stand-in
     assert len(err) == 1 and err[0].startswith("warning: cannot decode ") and in100["bad"] in err[0], err
-    full = common.decode_image(in100["bad"], None)  # --patch-sampler official decodes at full size
-    assert full.shape[0] == 3 and full.dtype == torch.uint8
 
 
 def pipeline(method, data, out):
@@ -336,65 +333,14 @@ def test_probe_numbers_equal_a_direct_computation(runs, in100, tmp_path, one_thr
     assert result["knn"]["k3"] == pytest.approx(_knn_top1(f, ds.labels, f, ds.labels, 3))
 
 
-# --- emp_ssl --patch-sampler official: the authors' ImageNet crops, in the workers ------------------
-
-
-def test_rrc_views_cut_a_quarter_of_the_full_image(in100):
-    """RandomResizedCrop(scale=(0.25, 0.25)): every box covers a quarter of the full-resolution
-    image, up to the rounding of its sides, with aspect ratio in [3/4, 4/3]."""
-    _, files, _ = scan_folder(os.path.join(in100["out"], "train"))
-    g = torch.Generator().manual_seed(0)
-    for f in files[:6]:
-        img = common.decode_image(f, None)
-        h, w = img.shape[-2:]
-        views, boxes = emp_ssl.rrc_views(img, 50, 32, (0.25, 0.25), (3 / 4, 4 / 3), g)
-        assert views.shape == (50, 3, 32, 32) and views.dtype == torch.uint8
-        top, left, bh, bw = boxes.T
-        assert (top >= 0).all() and (left >= 0).all() and (top + bh <= h).all() and (left + bw <= w).all()
-        err = (bh * bw - 0.25 * h * w).abs()
-        assert (err <= 0.5 * (bh + bw) + 0.75).all(), (h, w, boxes)  # sides rounded to integers
-        assert ((bw / bh >= 3 / 4 - 1 / bh) & (bw / bh <= 4 / 3 + 1 / bh)).all()
-        assert len(set(map(tuple, boxes.tolist()))) > 40  # drawn per view, not one box repeated
-    # the view is the box's content, resized (bicubic, antialiased, as torchvision's transform)
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2.functional import resized_crop
-    ref = resized_crop(img, *boxes[0].tolist(), [32, 32], interpolation=InterpolationMode.BICUBIC, antialias=True)
-    assert torch.equal(views[0], ref)
-
-
-def test_rrc_file_views_are_view_major_and_seeded(tmp_path):
-    """Three one-colour images: row i*b + j of the batch is view i of image j (the order of
-    sample_patches); the same generator seed gives the same crops."""
-    from PIL import Image
-    colours = [(250, 0, 0), (0, 250, 0), (0, 0, 250)]
-    files = []
-    for j, c in enumerate(colours):
-        files.append(str(tmp_path / f"{j}.png"))
-        Image.new("RGB", (60 + 10 * j, 48), c).save(files[-1])
-    n = 4
-    x = emp_ssl.rrc_file_views(files, torch.Generator().manual_seed(1), n, 40)
-    assert x.shape == (n * 3, 3, 40, 40) and x.dtype == torch.uint8
-    for i in range(n):
-        for j, c in enumerate(colours):
-            assert x[i * 3 + j].float().mean((1, 2)).round().tolist() == [float(v) for v in c]
-    y = emp_ssl.rrc_file_views(files, torch.Generator().manual_seed(1), n, 40)
-    assert torch.equal(x, y)
-    # in epoch_batches the workers draw crops from a generator seeded per (seed, epoch, step, rank)
-    labels = torch.arange(3)
-    ds = common.ImageSet(labels, 3, 40, files=files)
-    views = functools.partial(emp_ssl.rrc_file_views, n=n, out_size=24)
-    batches = [b[0] for b in common.epoch_batches(ds, 3, 0, 0, workers=0, views=views)]
-    again = [b[0] for b in common.epoch_batches(ds, 3, 0, 0, workers=1, views=views)]
-    assert len(batches) == 1 and batches[0].shape == (n * 3, 3, 24, 24)
-    assert torch.equal(batches[0], again[0])  # the number of workers does not change the crops
+# --- emp_ssl --patch-sampler official: the authors' RandomResizedCrop per patch ------------------------
 
 
 @pytest.mark.parametrize("side", [128, 32])  # 128: decoded per batch from the files; 32: held in memory
 def test_emp_ssl_official_sampler_feeds_the_step(side, tmp_path, monkeypatch):
-    """One in-process emp_ssl step per path, recording the crops it asked for: the file path
-    calls rrc_file_views in the loader (scale 0.25, ratio 3/4-4/3), the in-memory path draws
-    RandomResizedCrop boxes of scale 0.25, ratio 1 on the device."""
-    import emp_ssl
+    """One in-process emp_ssl step per path, recording the crops it asked for: RandomResizedCrop boxes of
+    scale 0.25, ratio 1 of the decoded image, drawn on the device (files and in-memory sets alike)."""
+
     from PIL import Image
     rng = np.random.default_rng(1)
     for c in range(2):
@@ -403,34 +349,20 @@ def test_emp_ssl_official_sampler_feeds_the_step(side, tmp_path, monkeypatch):
             px = rng.integers(0, 256, (int(rng.integers(40, 91)), int(rng.integers(40, 91)), 3), dtype=np.uint8)
             Image.fromarray(px).save(tmp_path / "data" / "train" / f"c{c}" / f"{i}.jpg")
     monkeypatch.setenv("EFFSSL_CACHE", str(tmp_path / "cache"))
-    calls = {"files": [], "boxes": []}
-    real_files, real_boxes = emp_ssl.rrc_file_views, common.random_resized_boxes
-
-    def files_spy(files, generator, **kw):
-        out = real_files(files, generator, **kw)
-        calls["files"].append((len(files), kw, tuple(out.shape)))
-        return out
+    calls, real_boxes = [], common.random_resized_boxes
 
     def boxes_spy(n, h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None, device="cpu"):
         out = real_boxes(n, h, w, scale, ratio, generator, device)
-        if scale == (0.25, 0.25):
-            calls["boxes"].append((n, h, w, ratio, out))
+        calls.append((n, h, w, scale, ratio, out))
         return out
 
-    monkeypatch.setattr(emp_ssl, "rrc_file_views", files_spy)
     monkeypatch.setattr(common, "random_resized_boxes", boxes_spy)
     emp_ssl.main(["--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--image-size", str(side),
                   "--patch-sampler", "official", "--patches", "3", "--out-size", "16", "--patch-size", str(side // 2),
                   "--proj", "32-8", "--batch-size", "4", "--epochs", "1", "--max-steps", "1", "--workers", "0",
                   "--out", str(tmp_path / "run")])
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 1
-    if side == 128:
-        assert calls["files"] == [(4, {"n": 3, "out_size": 16}, (12, 3, 16, 16))]
-        # per image, 3 boxes of the full-resolution image (40-90 px sides here), not of its 128 px resize
-        assert [(n, ratio) for n, _, _, ratio, _ in calls["boxes"]] == [(3, (3 / 4, 4 / 3))] * 4
-        assert all(40 <= h <= 90 and 40 <= w <= 90 for _, h, w, _, _ in calls["boxes"])
-    else:
-        assert not calls["files"] and len(calls["boxes"]) == 1
-        n, h, w, ratio, boxes = calls["boxes"][0]
-        assert (n, h, w, ratio) == (12, 32, 32, (1.0, 1.0))
-        assert (boxes[:, 2:] == 16).all()  # a quarter of the 32 x 32 image, square
+    assert len(calls) == 1
+    n, h, w, scale, ratio, boxes = calls[0]
+    assert (n, h, w, scale, ratio) == (12, side, side, (0.25, 0.25), (1.0, 1.0))
+    assert (boxes[:, 2:] == side // 2).all()  # a quarter of the image, square
