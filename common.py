@@ -552,22 +552,25 @@ def _folder_set(root, size, in_memory, workers):
 
 
 def synthetic_set(split, seed=0, n=None):
-    """Procedural 32x32 images whose class is a grating's orientation and period (its sign, phase,
-    contrast, noise and a smooth random colour field are nuisances: two patches of one image differ in
-    colour, so an SSL objective cannot match views by colour alone, and a random network sees mostly colour)."""
+    """Procedural 32x32 images, 10 classes: a coarse texture's kind (stripes or checks) and orientation (5
+    angles), at periods P and 2P (P 10-16 px), so that the class survives crops of 8 % of the image, blur and
+    grayscale; period, phase, flip, contrast, noise and a smooth colour field are nuisances."""
     n = n or (10000 if split == "train" else 2000)
     g = torch.Generator().manual_seed(seed * 7919 + (0 if split == "train" else 1))
     labels = torch.arange(n) % 10
     labels = labels[torch.randperm(n, generator=g)]
     theta = (labels % 5).float() * (math.pi / 10) + math.pi / 20  # 5 orientations in (0, pi/2)
     theta = theta * (torch.randint(0, 2, (n,), generator=g) * 2 - 1)  # sign is a nuisance (flip)
-    period = torch.where(labels < 5, 4.0, 9.0)
+    period = (10 + 6 * torch.rand(n, generator=g))[:, None, None]
     yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
-    phase = torch.rand(n, generator=g) * 2 * math.pi
-    u = xx[None] * torch.cos(theta)[:, None, None] + yy[None] * torch.sin(theta)[:, None, None]
-    tex = torch.sin(2 * math.pi * u / period[:, None, None] + phase[:, None, None])  # [n,32,32]
-    amp = 0.15 + 0.2 * torch.rand(n, 1, 1, 1, generator=g)
-    ctrl = 0.15 + 0.7 * torch.rand(n, 3, 4, 4, generator=g)  # nuisance colour field
+    c, s = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
+    ph = torch.rand(n, 4, 1, 1, generator=g) * 2 * math.pi
+    wave = lambda u, a, b: torch.sin(2 * math.pi * u / period + a) + 0.7 * torch.sin(math.pi * u / period + b)  # noqa: E731
+    stripes = wave(xx * c + yy * s, ph[:, 0], ph[:, 1])
+    checks = stripes * wave(yy * c - xx * s, ph[:, 2], ph[:, 3]) / 1.2
+    tex = torch.where((labels >= 5)[:, None, None], checks, stripes) / 1.7
+    amp = 0.25 + 0.15 * torch.rand(n, 1, 1, 1, generator=g)
+    ctrl = 0.3 + 0.4 * torch.rand(n, 3, 2, 2, generator=g)  # nuisance colour field
     base = F.interpolate(ctrl, size=(32, 32), mode="bicubic", align_corners=True)
     img = base + amp * tex[:, None] + 0.05 * torch.randn(n, 3, 32, 32, generator=g)
     images = (img.clamp(0, 1) * 255).round().to(torch.uint8)

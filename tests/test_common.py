@@ -565,6 +565,26 @@ def test_synthetic_set_deterministic_uint8_balanced():
     assert len(common.load_dataset("synthetic", None, "test", seed=1)) == 2000
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.08])  # the whole image squeezed to 16 px; the smallest crop
+def test_synthetic_class_survives_the_strongest_default_augmentation_at_16px(scale):
+    """The class is in coarse luminance structure: after a crop of `scale` resized to 16 px, blur at sigma 2
+    px (the top of every recipe's range), grayscale and jitter, a k-NN on the flip-folded amplitude spectrum
+    of the views finds the class (chance 10 %), and their mean colour does not. The former period-4 grating
+    fails at scale 1 (17.6 %: blurred away), which is what misled a copied method with blur p 0.5."""
+    aug = common.AugConfig(p_jitter=0.8, p_gray=1.0, p_blur=1.0, blur_sigma=(2.0, 2.0), p_solarize=0.0)
+    feats = {}
+    for split, n in (("train", 1000), ("test", 500)):
+        ds, g = common.synthetic_set(split, seed=0, n=n), torch.Generator().manual_seed(n)
+        x, _ = common.sample_views(ds.images, 1, 16, (scale, scale), generator=g)
+        y = common.augment(x, aug, g).mean(1)
+        f = torch.fft.fftshift(torch.fft.fft2(y - y.mean((1, 2), keepdim=True)).abs(), dim=(1, 2))
+        feats[split] = F.normalize((f + f.flip(2)).flatten(1), dim=1), F.normalize(x.mean((2, 3)), dim=1), ds.labels
+    (tr, tr_col, ytr), (te, te_col, yte) = feats["train"], feats["test"]
+    texture = (common.knn_predict(tr, ytr, te, 10) == yte).float().mean().item()
+    colour = (common.knn_predict(tr_col, ytr, te_col, 10) == yte).float().mean().item()
+    assert texture > 0.45 and colour < 0.2, (texture, colour)
+
+
 def test_load_dataset_missing_or_wrong_dirs_are_user_errors(tmp_path):
     with pytest.raises(common.UserError):
         common.load_dataset("cifar10", str(tmp_path / "nope"), "train")
@@ -829,8 +849,8 @@ def file_lines(name):
 
 METHOD_FILES = ("emp_ssl.py", "bag_ssl.py", "multiaug_ssl.py", "npid_sqrtkl.py")
 FILE_LIMITS = {**{f: 300 for f in METHOD_FILES}, "eval_linear.py": 350}
-SHRINKING = "being shrunk: over its line budget when this test was written (npid_sqrtkl.py 308, eval_linear.py 395)"
-OVER = {"npid_sqrtkl.py", "eval_linear.py"}  # over their budget when this test was written: expected to fail
+SHRINKING = "being shrunk: over its line budget when this test was written (npid_sqrtkl.py 308)"
+OVER = {"npid_sqrtkl.py"}  # over their budget when this test was written: expected to fail
 
 
 def test_run_class_fits_in_150_lines():
