@@ -1,26 +1,23 @@
 """Frozen-backbone probes for every effssl checkpoint: features of the frozen backbone (eval mode), then
-  - a linear layer, top-1 of the LAST epoch: EMP-SSL's protocol (SGD lr 0.03, 100 epochs, cosine), the
-    multi-view paper's (--linear-opt adam) or NPID + SqrtKL's (--linear-aug: Cao & Wu 2024,
-    arXiv:2404.19289, after SSQL: a fresh augmented view of every train image each epoch, SGD lr 30);
+  - a linear layer, top-1 of the LAST epoch: EMP-SSL's protocol (SGD lr 0.03, 100 epochs, cosine), the multi-view
+    paper's (Ghosh et al. 2024, arXiv:2312.10725: --linear-opt adam) or NPID + SqrtKL's (--linear-aug: Cao & Wu
+    2024, arXiv:2404.19289, after SSQL: a fresh augmented view of every train image each epoch, SGD lr 30);
   - weighted k-NN (NPID, Wu et al. 2018, arXiv:1805.01978: cosine, vote weight exp(s/T), T 0.07, k 20, 200).
 Image representations (--mode):
-  bag      mean backbone embedding of P patches (EMP-SSL, Tong et al. 2023, arXiv:2304.03977,
-           Sec. 2 "Bag-of-Feature Model"). --positions fixed: the same P positions in every image
-           and run; random: positions drawn per image from --seed, as BagSSL samples its
-           evaluation patches (Chen et al. 2022, arXiv:2206.08954, Sec. 4)
+  bag      mean backbone embedding of P patches (EMP-SSL, Tong et al. 2023, arXiv:2304.03977, Sec. 2
+           "Bag-of-Feature Model"). --positions fixed: the same P positions in every image and run; random: drawn
+           per image from --seed, as BagSSL samples its evaluation patches (Chen et al. 2022, arXiv:2206.08954, Sec. 4)
   central  the whole image (standard protocol)
-  local    BagSSL Sec. 4.4 / App. C.4: embeddings of a sliding window of patches (stride 4, 25
-           patches of 16 px on CIFAR) form a 5x5 map, average-pooled (window 3, stride 2), flattened
-  views    mean over V views: 1 clean + V-1 training-augmented (multi-view paper, Ghosh et al.
-           2024, arXiv:2312.10725, App. D)
-Each probe setting (mode, patches, positions, feature, ...) has its own result file beside the
-checkpoint, eval-<setting>.json, so probes never overwrite each other.
+  local    BagSSL Sec. 4.4 / App. C.4: embeddings of a sliding window of patches (stride 4, 25 patches of 16 px
+           on CIFAR) form a 5x5 map, average-pooled (window 3, stride 2), flattened
+  views    mean over V views, 1 clean + V-1 training-augmented (the multi-view paper's App. D)
+Each probe setting (mode, patches, positions, feature, ...) has its own result file beside the checkpoint,
+eval-<setting>.json, so probes never overwrite each other.
 
     python eval_linear.py --ckpt runs/emp1 --mode bag --patches 128
     python eval_linear.py --ckpt runs/emp1 --probe knn --compare-random   # trained vs random init
     python eval_linear.py --ckpt random --arch resnet18 --dataset cifar10 --mode bag --patches 128
 """
-import functools
 import json
 import os
 import time
@@ -31,52 +28,50 @@ import torch.nn.functional as F
 
 import common
 
+# linear probe defaults (epochs, lr, wd, batch, label smoothing): EMP-SSL Sec. 3 (SGD lr 0.03, 100 epochs; its code:
+# momentum 0.9, wd 5e-5, batch 100, cosine), the multi-view paper App. D Table 4 (Adam, constant lr; smoothing 0.1:
+# its authors' probe), NPID + SqrtKL Sec. 4.2 after SSQL (--linear-aug: SGD, lr x0.1 at 60 % and 80 % of the epochs)
+LINEAR = {"sgd": (100, 0.03, 5e-5, 100, 0.0), "adam": (200, 1e-3, 1e-6, 512, 0.1), "aug": (100, 30.0, 0.0, 128, 0.0)}
+
 
 def parse_args(argv=None):
     p = common.ArgParser(description=__doc__)
     a = p.add_argument
     a("--ckpt", required=True, help="a run folder or its checkpoint.pt, or 'random' (random-init floor)")
-    a("--arch", default=None, choices=common.ARCHS,
-      help="backbone for --ckpt random (default resnet18); with a checkpoint it must match the checkpoint's")
-    a("--compare-random", action="store_true",
-      help="also probe a random-init backbone of the checkpoint's architecture the same way, side by side")
+    a("--arch", choices=common.ARCHS, help="backbone of --ckpt random (default resnet18); a checkpoint's must match")
+    a("--compare-random", action="store_true", help="also probe a random init of the same architecture, side by side")
     a("--dataset", default=None, choices=common.DATASETS, help="probe data set (default: the checkpoint's)")
     a("--data-dir", default=None)
     a("--download", action="store_true", help="let torchvision download CIFAR / STL-10 into --data-dir")
     a("--image-size", type=common.COUNT, default=None, help="image side for --dataset folder")
     a("--train-dataset", default=None, help="transfer: the data set the checkpoint was trained on (checked)")
-    a("--mode", default=None, choices=["bag", "central", "local", "views"],
-      help="image representation (default: bag for patch-trained checkpoints, else central)")
+    a("--mode", choices=["bag", "central", "local", "views"], help="default bag for patch-trained runs, else central")
     a("--patches", type=common.COUNT, default=128, help="patches per bag (EMP-SSL: 128; BagSSL: 1/16/256)")
-    a("--positions", default="fixed", choices=["fixed", "random"],
-      help="bag patch positions: the same in every image (fixed), or drawn per image from --seed (random, BagSSL)")
+    a("--positions", default="fixed", choices=["fixed", "random"], help="same in every image, or per image from --seed")
     a("--patch-size", type=common.COUNT, default=None, help="patch side (default: the training patch side)")
     a("--out-size", type=common.COUNT, default=None, help="side patches are resized to (default: training input side)")
     a("--stride", type=common.COUNT, default=4, help="--mode local: sliding-window stride (BagSSL App. C.4: 4)")
     a("--views", type=common.COUNT, default=16, help="--mode views: views per image (1 clean + V-1 augmented)")
-    a("--bag-augment", action="store_true", help="apply the training augmentations to bag patches (official EMP-SSL eval)")
+    a("--bag-augment", action="store_true", help="augment bag patches as in training (official EMP-SSL eval)")
     a("--feature", default="backbone", choices=["backbone", "head1"],
       help="backbone embedding h (papers) or the first projector block (official EMP-SSL eval)")
     a("--probe", default="linear,knn", help="comma list of linear, knn")
-    a("--linear-aug", action="store_true",
-      help="NPID + SqrtKL's linear probe (after SSQL): augmented train images each epoch, SGD lr 30, wd 0, "
-           "100 epochs, steps at 60 and 80, batch 128 (--mode central)")
+    a("--linear-aug", action="store_true", help="NPID + SqrtKL's linear probe (after SSQL): augmented train images "
+      "each epoch, SGD lr 30, wd 0, 100 epochs, steps at 60 and 80, batch 128 (--mode central)")
     a("--linear-epochs", type=common.COUNT, default=None, help="default 100 (sgd) / 200 (adam)")
     a("--linear-lr", type=common.POSITIVE, default=None, help="default 0.03 (sgd) / 1e-3 (adam) / 30 (--linear-aug)")
     a("--linear-opt", default="sgd", choices=["sgd", "adam"])
     a("--linear-wd", type=common.NONNEG, default=None, help="default 5e-5 (sgd) / 1e-6 (adam) / 0 (--linear-aug)")
     a("--linear-batch", type=common.COUNT, default=None, help="default 100 (sgd) / 512 (adam) / 128 (--linear-aug)")
-    a("--label-smoothing", type=common.Number(float, 0, 1, open_hi=True, says="in [0, 1)"), default=None,
-      help="default 0 (sgd) / 0.1 (adam: the multi-view paper's App. D does not say; its authors' probe, fastssl "
-           "scripts/train_model_multiPatch.py, uses CrossEntropyLoss(label_smoothing=0.1))")
+    a("--label-smoothing", type=common.Number(float, 0, 1, open_hi=True, says="in [0, 1)"), help="default 0 (sgd) / "
+      "0.1 (adam: not in App. D; the authors' probe, fastssl scripts/train_model_multiPatch.py, uses it)")
     a("--knn-k", default="20,200")
     a("--knn-t", type=common.POSITIVE, default=0.07)
     a("--subset", type=common.COUNT, default=None, help="probe on a fixed seeded subset of N training images")
     a("--test-subset", type=common.COUNT, default=None, help="evaluate on a fixed seeded subset of N test images")
     a("--batch-size", type=common.COUNT, default=256, help="images per feature-extraction batch")
-    a("--amp", default="bf16", choices=["bf16", "off"],
-      help="feature extraction under bf16 autocast on CUDA (default) or in float32 (off: as the official EMP-SSL "
-           "evaluation; its results get their own file, '-fp32'); the CPU extracts in float32 either way")
+    a("--amp", default="bf16", choices=["bf16", "off"], help="feature extraction in bf16 autocast on CUDA (default) "
+      "or float32 (off: the official EMP-SSL evaluation's; its own result file, '-fp32'); float32 on the CPU")
     a("--workers", type=common.COUNT0, default=4)
     a("--seed", type=common.SEED, default=0, help="seed of the random init, patch positions and view augmentations")
     a("--out", default=None, help="folder for the result file (default: the checkpoint's folder)")
@@ -84,14 +79,12 @@ def parse_args(argv=None):
 
 
 def load_backbone(args):
-    """(backbone, projector head or None, what the probe knows of the run: its probe_info, saved in
-    the checkpoint, with the run's method, dataset and data_dir) from a checkpoint or a random init."""
+    """(backbone, projector head or None, info: the run's probe_info with its method, dataset and data_dir)."""
     if args.ckpt == "random":
         ds = args.dataset or "cifar10"
         size = args.image_size or common.IMAGE_SIZE.get(ds, 224)
-        mean, std = common.data_stats(ds)
-        info = {**common.probe_info(args.arch or "resnet18", common.default_stem(size), size, mean, std, "bag",
-                                    patch_size=size // 2), "dataset": ds, "method": "random", "data_dir": None}
+        info = {**common.probe_info(args.arch or "resnet18", common.default_stem(size), size, *common.data_stats(ds),
+                                    "bag", patch_size=size // 2), "dataset": ds, "method": "random", "data_dir": None}
         return random_backbone(info, args.seed), None, info
     ckpt = common.load_checkpoint(args.ckpt)
     targs = ckpt["args"]
@@ -100,26 +93,17 @@ def load_backbone(args):
         common.fail(f"--arch {args.arch}: the checkpoint '{args.ckpt}' holds a {info['arch']}")
     backbone = common.backbone(info["arch"], info["stem"])
     backbone.load_state_dict(ckpt["backbone"])
-    proj = None
-    if args.feature == "head1":
-        if not info.get("proj"):
-            common.fail(f"checkpoint '{args.ckpt}' has no projector for --feature head1")
-        proj = common.projector(backbone.dim, info["proj"], bias=info["proj_bias"])
-        state = {k[len("projector."):]: v for k, v in ckpt["model"].items() if k.startswith("projector.")}
-        try:  # strict: a projector saved under other names must not leave head1 at its random init
-            proj.load_state_dict(state)
-        except RuntimeError as e:
-            common.fail(f"checkpoint '{args.ckpt}': its projector does not match {info['proj']}: "
-                        f"{str(e).splitlines()[0]}")
-        proj = proj[:3]  # Linear-BN-ReLU: the 4096-d feature of the official EMP-SSL evaluation
-    return backbone, proj, info
-
-
-def multiview_views(mean, std, p_gray=0.2, scale=(0.08, 1.0)):
-    """The multi-view paper's CIFAR views (Ghosh et al. 2024, App. D: random resized crop of `scale`, flip,
-    jitter 0.4/0.4/0.4, grayscale p_gray): --mode views of a run whose method has no views of its own."""
-    aug = common.AugConfig(jitter=(0.4, 0.4, 0.4, 0.0), p_gray=p_gray, p_blur=0.0, p_solarize=0.0, mean=mean, std=std)
-    return {"scale": list(scale), "ratio": [3 / 4, 4 / 3], "aug": vars(aug)}
+    if args.feature != "head1":
+        return backbone, None, info
+    if not info.get("proj"):
+        common.fail(f"checkpoint '{args.ckpt}' has no projector for --feature head1")
+    proj = common.projector(backbone.dim, info["proj"], bias=info["proj_bias"])
+    state = {k[len("projector."):]: v for k, v in ckpt["model"].items() if k.startswith("projector.")}
+    try:  # strict: a projector saved under other names must not leave head1 at its random init
+        proj.load_state_dict(state)
+    except RuntimeError as e:
+        common.fail(f"checkpoint '{args.ckpt}': its projector does not match {info['proj']}: {str(e).splitlines()[0]}")
+    return backbone, proj[:3], info  # Linear-BN-ReLU: the 4096-d feature of the official EMP-SSL evaluation
 
 
 def random_backbone(info, seed):
@@ -130,67 +114,48 @@ def random_backbone(info, seed):
 
 def setting_name(args):
     """The probe setting as a file-name part: runs differing in it never share a result file."""
-    parts = [args.mode]
-    if args.mode == "bag":
-        parts += [f"p{args.patches}", f"s{args.patch_size}", args.positions] + (["aug"] if args.bag_augment else [])
-    elif args.mode == "local":
-        parts += [f"s{args.patch_size}", f"stride{args.stride}"]
-    elif args.mode == "views":
-        parts += [f"v{args.views}"]
-    if args.out_size:
-        parts.append(f"o{args.out_size}")
-    parts.append(args.feature)
-    if args.amp == "off":
-        parts.append("fp32")
-    if args.linear_aug:
-        parts.append("linaug")
-    if args.dataset != args.trained_on:
-        parts.append(args.dataset)
-    if args.subset or args.test_subset:
-        parts.append(f"n{args.subset or 'all'}-{args.test_subset or 'all'}")
-    if args.seed:
-        parts.append(f"seed{args.seed}")
-    return "-".join(str(p) for p in parts)
+    mode = {"bag": [f"p{args.patches}", f"s{args.patch_size}", args.positions, args.bag_augment and "aug"],
+            "local": [f"s{args.patch_size}", f"stride{args.stride}"], "views": [f"v{args.views}"]}
+    n = (args.subset or args.test_subset) and f"n{args.subset or 'all'}-{args.test_subset or 'all'}"
+    parts = [args.mode, *mode.get(args.mode, []), args.out_size and f"o{args.out_size}", args.feature,
+             args.amp == "off" and "fp32", args.linear_aug and "linaug",
+             args.dataset != args.trained_on and args.dataset, n, args.seed and f"seed{args.seed}"]
+    return "-".join(str(p) for p in parts if p)
 
 
-def sliding_boxes(image_size, size, stride):
-    """Top-left corners of a sliding window, row-major (BagSSL App. C.4)."""
-    pos = list(range(0, image_size - size + 1, stride))
-    return torch.tensor([[t, l, size, size] for t in pos for l in pos]), len(pos)
+def progress(name, total, unit="images"):
+    """tick(done, extra): a line every ~10 s and at the end: done / total, rate, ETA and extra (loss, top-1)."""
+    t0 = shown = time.time()
 
-
-class Progress:
-    """A line every ~10 s and at the end: done / total, rate, ETA, and what the caller adds (loss, top-1)."""
-
-    def __init__(self, name, total, unit="images"):
-        self.name, self.total, self.unit, self.t0, self.tl = name, total, unit, time.time(), time.time()
-
-    def update(self, done, extra=""):
-        now = time.time()
-        if now - self.tl >= 10 or done >= self.total:
-            rate, self.tl = done / max(now - self.t0, 1e-9), now
-            print(f"  {self.name}: {done}/{self.total} {self.unit}{extra}, {rate:.{0 if self.unit == 'images' else 2}f} "
-                  f"{self.unit}/s, eta {(self.total - done) / max(rate, 1e-9) / 60:.1f} min", flush=True)
+    def tick(done, extra=""):
+        nonlocal shown
+        if time.time() - shown >= 10 or done >= total:
+            shown, rate = time.time(), done / max(time.time() - t0, 1e-9)
+            print(f"  {name}: {done}/{total} {unit}{extra}, {rate:.{0 if unit == 'images' else 2}f} {unit}/s, "
+                  f"eta {(total - done) / max(rate, 1e-9) / 60:.1f} min", flush=True)
+    return tick
 
 
 @torch.no_grad()
 def extract(args, embed, ds, device, info, name="", seed_offset=0):
     """Features [N, D] of every image of ds under --mode."""
-    mean, std = info["mean"], info["std"]
-    out_size = args.out_size or info["out_size"]
+    mean, std, size, out_size = info["mean"], info["std"], args.patch_size, args.out_size or info["out_size"]
     gen = torch.Generator(device=device).manual_seed(args.seed)
     aug = common.AugConfig(**info["aug"]) if info.get("aug") else common.AugConfig(mean=mean, std=std)  # --bag-augment
-    if args.mode == "bag":
-        g = torch.Generator().manual_seed(args.seed + seed_offset)  # --positions random: drawn per image
-        boxes = common.fixed_patch_boxes(args.patches, args.patch_size, ds.size, args.seed) if args.positions == "fixed" \
-            else common.patch_boxes(args.patches * len(ds), args.patch_size, ds.size, ds.size, g).reshape(args.patches, len(ds), 4)
-    elif args.mode == "local":
-        boxes, grid = sliding_boxes(ds.size, args.patch_size, args.stride)
-    elif args.mode == "views":  # the views the run trained on (multiaug_ssl), else the multi-view paper's CIFAR views
-        views = info.get("views") or multiview_views(mean, std)
+    if args.mode == "bag" and args.positions == "fixed":
+        boxes = common.fixed_patch_boxes(args.patches, size, ds.size, args.seed)
+    elif args.mode == "bag":  # drawn per image, each split from its own seed
+        g = torch.Generator().manual_seed(args.seed + seed_offset)
+        boxes = common.patch_boxes(args.patches * len(ds), size, ds.size, ds.size, g).view(args.patches, len(ds), 4)
+    elif args.mode == "local":  # a sliding window, row-major (BagSSL App. C.4)
+        pos = range(0, ds.size - size + 1, args.stride)
+        boxes, grid = torch.tensor([[t, l, size, size] for t in pos for l in pos]), len(pos)
+    elif args.mode == "views":  # the run's own views (multiaug_ssl), else the multi-view paper's CIFAR views (App. D)
+        views = info.get("views") or {"scale": [0.08, 1.0], "ratio": [3 / 4, 4 / 3], "aug": dict(
+            jitter=(0.4, 0.4, 0.4, 0.0), p_gray=0.2, p_blur=0.0, p_solarize=0.0, mean=mean, std=std)}
         vaug = common.AugConfig(**views["aug"])
     feats = []
-    progress = Progress(f"features {name}", len(ds))
+    tick = progress(f"features {name}", len(ds))
     for s in range(0, len(ds), args.batch_size):
         imgs = ds.get(torch.arange(s, min(s + args.batch_size, len(ds))), args.workers).to(device)
         b = len(imgs)
@@ -215,22 +180,17 @@ def extract(args, embed, ds, device, info, name="", seed_offset=0):
                 h = embed(common.augment(v, vaug, gen)).float().reshape(args.views - 1, b, -1)
                 f = (f + h.sum(0)) / args.views
         feats.append(f.float().cpu())
-        progress.update(s + b)
+        tick(s + b)
     return torch.cat(feats)
 
 
 def linear_probe(args, feats, labels, te_f, te_y, num_classes, device):
-    """A linear layer on frozen features; top-1 on the test split after each epoch. feats(idx): the
-    features of train images idx, fixed or (--linear-aug) of a fresh augmented view each epoch.
-    Defaults: SGD lr 0.03, wd 5e-5, batch 100, cosine, 100 epochs (EMP-SSL); Adam lr 1e-3, wd 1e-6,
-    batch 512, label smoothing 0.1, 200 epochs (--linear-opt adam, the multi-view paper); SGD lr 30,
-    wd 0, batch 128, lr x0.1 at 60 % and 80 % of 100 epochs (--linear-aug, NPID + SqrtKL after SSQL)."""
+    """A linear layer on frozen features, top-1 on the test split after each epoch; defaults: LINEAR. feats(idx):
+    the features of train images idx, fixed or (--linear-aug) of a fresh augmented view each epoch."""
     adam, aug = args.linear_opt == "adam", args.linear_aug
-    epochs = args.linear_epochs or (200 if adam else 100)
-    lr = args.linear_lr or (1e-3 if adam else 30.0 if aug else 0.03)
-    wd = args.linear_wd if args.linear_wd is not None else (1e-6 if adam else 0.0 if aug else 5e-5)
-    bs = args.linear_batch or (512 if adam else 128 if aug else 100)
-    ls = args.label_smoothing if args.label_smoothing is not None else (0.1 if adam else 0.0)
+    given = (args.linear_epochs, args.linear_lr, args.linear_wd, args.linear_batch, args.label_smoothing)
+    default = LINEAR["adam" if adam else "aug" if aug else "sgd"]
+    epochs, lr, wd, bs, ls = (d if v is None else v for v, d in zip(given, default))
     torch.manual_seed(args.seed)
     clf = nn.Linear(te_f.shape[1], num_classes).to(device)
     opt = torch.optim.Adam(clf.parameters(), lr=lr, weight_decay=wd) if adam else \
@@ -240,7 +200,7 @@ def linear_probe(args, feats, labels, te_f, te_y, num_classes, device):
         torch.optim.lr_scheduler.MultiStepLR(opt, [round(m * epochs) * per_epoch for m in (0.6, 0.8)], gamma=0.1)
     te_f, te_y, labels = te_f.to(device), te_y.to(device), labels.to(device)
     g = torch.Generator().manual_seed(args.seed)
-    accs, progress = [], Progress("linear probe", epochs, unit="epochs")
+    accs, tick = [], progress("linear probe", epochs, unit="epochs")
     for epoch in range(epochs):
         perm = torch.randperm(len(labels), generator=g)
         for s in range(0, len(labels), bs):
@@ -253,19 +213,8 @@ def linear_probe(args, feats, labels, te_f, te_y, num_classes, device):
                 sched.step()
         with torch.no_grad():
             accs.append((clf(te_f).argmax(1) == te_y).float().mean().item() * 100)
-        progress.update(epoch + 1, f" (loss {loss.item():.4f}, lr {opt.param_groups[0]['lr']:.2e}, "
-                                   f"top-1 {accs[-1]:.2f})")
+        tick(epoch + 1, f" (loss {loss.item():.4f}, lr {opt.param_groups[0]['lr']:.2e}, top-1 {accs[-1]:.2f})")
     return accs
-
-
-@torch.no_grad()
-def augmented_features(args, embed, train, info, device, gen, idx):
-    """--linear-aug: features of a fresh RandomResizedCrop(0.08, 1) + flip of train images idx (after SSQL)."""
-    x, _ = common.sample_views(train.get(idx, args.workers).to(device), 1, args.out_size or info["out_size"],
-                               scale=(0.08, 1.0), generator=gen)
-    flip = common.AugConfig(flip=0.5, p_jitter=0.0, p_gray=0.0, p_blur=0.0, p_solarize=0.0, mean=info["mean"],
-                            std=info["std"])
-    return embed(common.augment(x, flip, gen)).float()
 
 
 def probe_all(args, embed, train, test, device, info, ks, probes, name):
@@ -285,17 +234,24 @@ def probe_all(args, embed, train, test, device, info, ks, probes, name):
             # printed now, so that a probe stopped during the linear one keeps its k-NN figures
             print(f"  k-NN k={k} ({name}): {result['knn'][f'k{k}']:.2f}", flush=True)
     if "linear" in probes:
-        feats = (lambda idx: tr_f[idx].to(device)) if not args.linear_aug else functools.partial(
-            augmented_features, args, embed, train, info, device, torch.Generator(device=device).manual_seed(args.seed))
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        flip = common.AugConfig(flip=0.5, p_jitter=0.0, p_gray=0.0, p_blur=0.0, p_solarize=0.0, mean=info["mean"],
+                                std=info["std"])
+
+        @torch.no_grad()
+        def fresh_view(idx):  # --linear-aug: a fresh RandomResizedCrop(0.08, 1) + flip of train images idx (SSQL)
+            x, _ = common.sample_views(train.get(idx, args.workers).to(device), 1, args.out_size or info["out_size"],
+                                       scale=(0.08, 1.0), generator=gen)
+            return embed(common.augment(x, flip, gen)).float()
+        feats = fresh_view if args.linear_aug else lambda idx: tr_f[idx].to(device)
         accs = linear_probe(args, feats, train.labels, te_f, test.labels, train.num_classes, device)
         result["linear"] = {"last": accs[-1], "best": max(accs), "epochs": len(accs),
-                            "opt": "sgd-aug" if args.linear_aug else args.linear_opt}
+                            "opt": f"{args.linear_opt}-aug" if args.linear_aug else args.linear_opt}
     return result
 
 
 def resolve(args):
-    """Check the flags against the checkpoint and fill what they leave open: (backbone, projector head,
-    the run's probe info, the probes, the k of k-NN)."""
+    """Check the flags against the checkpoint, fill what they leave open: (backbone, proj, info, probes, k of k-NN)."""
     probes = [p for p in args.probe.split(",") if p]
     if not probes or set(probes) - {"linear", "knn"}:
         common.fail(f"--probe takes linear and/or knn, not '{args.probe}'")
@@ -325,8 +281,7 @@ def resolve(args):
 
 
 def report(args, result, out_dir):
-    """The table (trained, random init, gain) and the setting's result file, written atomically (the
-    probes of an earlier call of the same setting that did not run now are kept)."""
+    """The table (trained, random init, gain) and the setting's result file (atomic; keeps old probes not rerun)."""
     rnd = result.get("random", {})
     rows = [(f"k-NN k={k[1:]}", v, rnd.get("knn", {}).get(k)) for k, v in result.get("knn", {}).items()]
     if "linear" in result:
@@ -359,7 +314,6 @@ def main(argv=None):
     out_dir = args.out or (os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt != "random"
                            else os.path.join("runs", f"random-{info['arch']}-{args.dataset}"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
     train = common.load_dataset(args.dataset, args.data_dir, "train", args.image_size, args.workers,
                                 download=args.download, seed=args.seed)
     test = common.load_dataset(args.dataset, args.data_dir, "test", args.image_size, args.workers, seed=args.seed)
@@ -369,19 +323,17 @@ def main(argv=None):
         test = test.subset(common.subset_indices(len(test), args.test_subset, seed=2))
     if "knn" in probes and max(ks) > len(train):
         common.fail(f"--knn-k {max(ks)} is larger than the {len(train)} training images of the probe")
-    what = f"{args.mode}" + (f" of {args.patches} x {args.patch_size}px patches ({args.positions} positions)"
-                             if args.mode == "bag" else "")
-    print(f"probe {args.ckpt} on {args.dataset} ({len(train)} train / {len(test)} test), {what}, "
+    bag = args.mode == "bag"
+    what = f" of {args.patches} x {args.patch_size}px patches ({args.positions} positions)" if bag else ""
+    print(f"probe {args.ckpt} on {args.dataset} ({len(train)} train / {len(test)} test), {args.mode}{what}, "
           f"feature {args.feature}", flush=True)
-    result = {"ckpt": args.ckpt, "method": info.get("method"), "trained_on": info["dataset"],
-              "dataset": args.dataset, "mode": args.mode, "feature": args.feature,
-              "n_train": len(train), "n_test": len(test), "seed": args.seed}
+    result = {"ckpt": args.ckpt, "method": info.get("method"), "trained_on": info["dataset"], "dataset": args.dataset,
+              "mode": args.mode, "feature": args.feature, "n_train": len(train), "n_test": len(test), "seed": args.seed}
     if args.mode in ("bag", "local"):
-        result.update(patches=args.patches if args.mode == "bag" else None, patch_size=args.patch_size,
-                      positions=args.positions if args.mode == "bag" else "grid",
-                      out_size=args.out_size or info["out_size"], bag_augment=args.bag_augment)
-    if args.mode == "views":
-        result["views"] = args.views
+        result.update(patches=args.patches if bag else None, patch_size=args.patch_size,
+                      positions=args.positions if bag else "grid", out_size=args.out_size or info["out_size"],
+                      bag_augment=args.bag_augment)
+    result.update({"views": args.views} if args.mode == "views" else {})
     nets = [("trained", backbone)] + ([("random init", random_backbone(info, args.seed))]
                                       if args.compare_random and args.ckpt != "random" else [])
     for name, net in nets:
