@@ -75,6 +75,7 @@ TINY = ["--dataset", "synthetic", "--subset", "32", "--batch-size", "16", "--out
         "--log-every", "1", "--epochs", "1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", SMALL)
 def test_npid_trains_resumes_and_probes_each_small_backbone(arch, tmp_path):
     """The paper's own method on each small backbone: a step, a checkpoint that resumes (the weights
@@ -95,6 +96,7 @@ def test_npid_trains_resumes_and_probes_each_small_backbone(arch, tmp_path):
 @pytest.mark.parametrize("method,extra", [("emp_ssl", ["--patches", "2", "--patch-size", "8"]),
                                           ("bag_ssl", ["--loss", "vicreg"]),
                                           ("multiaug_ssl", ["--views", "2"])])
+@pytest.mark.slow
 def test_every_method_takes_a_small_backbone(method, extra, tmp_path):
     import importlib
     mod = importlib.import_module(method)

@@ -648,6 +648,7 @@ def _stop(p, sig, to_worker, after):
     return int(stops[0][0]), err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_sigterm_saves_the_step_in_progress_and_the_resumed_run_equals_the_unstopped_one(ranks, tmp_path):
     """One process: SIGTERM. Two gloo workers: SIGUSR1 to ONE of them (SLURM's --signal). Every rank ends
@@ -676,6 +677,7 @@ def test_sigterm_saves_the_step_in_progress_and_the_resumed_run_equals_the_unsto
     assert _losses(tmp_path / "run") == _losses(tmp_path / "ref")
 
 
+@pytest.mark.slow
 def test_a_worker_killed_under_max_restarts_ends_in_a_finished_run(tmp_path):
     """SIGKILL of one of two workers: torchrun stops the other (its SIGTERM finds no peer to save with:
     one line), restarts both, they resume from the last checkpoint and finish; every step once."""

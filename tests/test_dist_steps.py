@@ -30,6 +30,8 @@ import multiaug_ssl
 import npid_sqrtkl
 from dist_util import run_world
 
+pytestmark = pytest.mark.slow  # the full run only (python -m pytest -q --full)
+
 N_IMAGES, BATCH, STEPS = 32, 4, 3  # synthetic images; global batch (2 per rank)
 BASE = ["--dataset", "synthetic", "--arch", "resnet18", "--batch-size", str(BATCH), "--epochs", "1",
         "--max-steps", str(STEPS), "--log-every", "1", "--workers", "0", "--seed", "0"]

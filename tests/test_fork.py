@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the full run only (python -m pytest -q --full)
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "synthetic", "--subset", "64", "--batch-size", "16", "--patches", "2", "--patch-size", "16",
         "--out-size", "16", "--proj", "64-32", "--epochs", "1", "--log-every", "1"]

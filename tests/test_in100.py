@@ -29,6 +29,8 @@ import emp_ssl
 from tools import build_in100 as in100_tool
 from check_util import assert_state_dicts_close
 
+pytestmark = pytest.mark.slow  # the full run only (python -m pytest -q --full)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXTRA = "n99999999"  # a class folder outside in100: build-in100 must leave it out
 TRAIN_PER_CLASS, VAL_PER_CLASS = 2, 1

@@ -10,6 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the full run only (python -m pytest -q --full)
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, "emp_ssl.py", "--dataset", "synthetic", "--subset", "256", "--batch-size", "32",
        "--patches", "2", "--patch-size", "16", "--out-size", "16", "--proj", "64-32", "--log-every", "1",

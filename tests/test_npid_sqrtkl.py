@@ -2,7 +2,6 @@
 the chunked softmax, Feature Calibrate and the Table 6 flags, 2-process banks, resume, learning."""
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -232,6 +231,7 @@ def _calibrate_worker(rank, world):
     return banks
 
 
+@pytest.mark.slow
 def test_two_process_calibrate_gives_the_one_process_bank_in_both_bn_modes():
     """Rank 0 takes blocks 0 and 2, rank 1 block 1; the summed bank is every rank's and equals the
     one-process bank and the direct computation."""
@@ -329,6 +329,7 @@ def test_bad_flags_are_one_line_errors():
 # --- resume ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path):
     # 3 steps per epoch, the run stops at step 4 of 6 (the schedule spans 6); checkpoints every 2 steps
     args = TINY + ["--epochs", "2", "--max-steps", "4", "--save-every", "2", "--bank-chunk", "10"]
@@ -364,6 +365,7 @@ MARGIN = 10.0  # points of k20; with train-mode calibration and NPID's jitter (t
 EPOCHS = 80
 
 
+@pytest.mark.slow
 def test_short_run_beats_random_init_under_the_same_central_knn_probe(tmp_path):
     """Feature Calibrate + Grad Update at the paper's lr (0.1, cosine), 80 epochs of 128 synthetic
     images (320 steps of 32, 16 px crops) lift the central k-NN accuracy of the backbone above a
