@@ -7,10 +7,7 @@ how many workers each method's in100 recipe needs to keep one H100 fed.
 2. The in100 loader as the method scripts run it: common.epoch_batches on a file ImageSet, each
    worker decoding its batch with common.load_files (decode, resize the short side to 256, centre
    crop 224), with 1 and 2 workers; steady state (first batch excluded: worker start-up) and the
-   whole pass. Beside it, one core decoding in-process (the rate a worker can reach at best), and
-   emp_ssl --patch-sampler official's worker cost: full-size decode plus n RandomResizedCrop(224,
-   scale 0.25, bicubic) per image (the EMP-SSL authors' loader; Tong, Chen, Ma, LeCun 2023,
-   arXiv:2304.03977).
+   whole pass. Beside it, one core decoding in-process (the rate a worker can reach at best).
 3. Workers per GPU = images/s the GPU consumes / images/s of one worker. No GPU was at hand, so
    the GPU side is an ASSUMPTION, not a measurement: forward+backward throughput at 224 px, bf16
    autocast, channels_last, of ResNet-18 = 6,000 and ResNet-50 = 3,000 images/s on one H100
@@ -39,12 +36,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
-import emp_ssl  # noqa: E402
 
 # each script's in100 defaults (--dataset in100): global batch, views of 224 px per image, backbone
 RECIPES = {
     "emp_ssl": dict(batch=100, views=200, arch="resnet18", epochs=10),
-    "emp_ssl --patch-sampler official": dict(batch=100, views=200, arch="resnet18", epochs=10, official=True),
     "bag_ssl": dict(batch=1024, views=2, arch="resnet50", epochs=400),
     "multiaug_ssl": dict(batch=128, views=2, arch="resnet18", epochs=100),
     "npid_sqrtkl": dict(batch=512, views=1, arch="resnet18", epochs=400),
@@ -60,7 +55,6 @@ def parse_args():
     a("--dir", default=os.path.join(ROOT, "runs", "in100_bench"), help="where the tree is generated (reused)")
     a("--workers", default="1,2", help="comma list of DataLoader worker counts")
     a("--batch-size", type=int, default=32, help="images per worker batch")
-    a("--official-patches", type=int, default=20, help="crops per image timed for --patch-sampler official")
     a("--gpu", default="resnet18=6000,resnet50=3000",
       help="ASSUMED H100 forward+backward images/s at 224 px per backbone (no GPU measured)")
     return p.parse_args()
@@ -109,20 +103,6 @@ def inprocess_rate(files):
     for f in files:
         common.decode_image(f, 224)
     return len(files) / (time.perf_counter() - t0)
-
-
-def official_cost(files, n):
-    """(seconds per full-size decode, seconds per RandomResizedCrop view) on one core."""
-    t0 = time.perf_counter()
-    for f in files:
-        common.decode_image(f, None)
-    t_dec = (time.perf_counter() - t0) / len(files)
-    g = torch.Generator().manual_seed(0)
-    t0 = time.perf_counter()
-    for f in files:
-        emp_ssl.rrc_file_views([f], g, n=n, out_size=224)
-    t_all = (time.perf_counter() - t0) / len(files)
-    return t_dec, max(t_all - t_dec, 0.0) / n
 
 
 def saved_bytes(arch, checkpointed):
@@ -182,9 +162,6 @@ def main():
     if os.cpu_count() and os.cpu_count() < max(int(v) for v in args.workers.split(",")) + 1:
         print("  (more workers than free cores: the per-worker figure of the largest count is pessimistic)")
     rate = per_worker[0]  # one worker on an otherwise idle core
-    t_dec, t_crop = official_cost(files[:40], args.official_patches)
-    print(f"--patch-sampler official, one core: full-size decode {t_dec * 1e3:.1f} ms, "
-          f"RandomResizedCrop(224, bicubic) {t_crop * 1e3:.2f} ms per view")
 
     print("\nESTIMATE (GPU side assumed, not measured): H100 forward+backward images/s at 224 px: "
           + ", ".join(f"{k} {v:.0f}" for k, v in gpu.items()))
@@ -193,7 +170,7 @@ def main():
           f"{'worker img/s':>14}{'workers/GPU':>13}{'epoch min':>11}{'run h, 1 GPU':>14}{'4 GPUs':>8}")
     for name, r in RECIPES.items():
         need = gpu[r["arch"]] / r["views"]  # images/s one GPU consumes
-        supply = 1 / (t_dec + r["views"] * t_crop) if r.get("official") else rate
+        supply = rate
         step = r["batch"] * r["views"] / gpu[r["arch"]]
         epoch = IN100_TRAIN / need / 60  # GPU-bound: the loader keeps up
         print(f"{name:<34}{r['views']:>6}{r['arch']:>10}{need:>11.0f}{step:>8.2f}{supply:>14.1f}"

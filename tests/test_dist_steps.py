@@ -98,8 +98,8 @@ def _train_every_method(rank, world, out_root):
                     rec["bank"] = [run.state["bank"].clone()]
         run.model.register_forward_pre_hook(first_forward)
 
-    def batches(run, views=None):
-        for imgs, labels, idx in saved["batches"](run, views):
+    def batches(run):
+        for imgs, labels, idx in saved["batches"](run):
             rec["idx"].append(idx.clone())
             yield imgs, labels, idx
 
