@@ -29,11 +29,11 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FENCE = "# ======== harness"
 TESTS = {  # the default-suite tests that speak for each file
-    "common.py": ["tests/test_common.py", "tests/test_backbones.py", "tests/test_wiring.py"],
-    "emp_ssl.py": ["tests/test_emp_ssl.py", "tests/test_wiring.py", "tests/test_unchanged.py"],
-    "bag_ssl.py": ["tests/test_bag_ssl.py", "tests/test_wiring.py", "tests/test_unchanged.py"],
-    "multiaug_ssl.py": ["tests/test_multiaug_ssl.py", "tests/test_wiring.py", "tests/test_unchanged.py"],
-    "npid_sqrtkl.py": ["tests/test_npid_sqrtkl.py", "tests/test_wiring.py", "tests/test_unchanged.py"],
+    "common.py": ["tests/test_common.py", "tests/test_wiring.py", "tests/test_backbones.py"],
+    "emp_ssl.py": ["tests/test_wiring.py", "tests/test_emp_ssl.py"],
+    "bag_ssl.py": ["tests/test_wiring.py", "tests/test_bag_ssl.py"],
+    "multiaug_ssl.py": ["tests/test_wiring.py", "tests/test_multiaug_ssl.py"],
+    "npid_sqrtkl.py": ["tests/test_wiring.py", "tests/test_npid_sqrtkl.py"],
     "eval_linear.py": ["tests/test_wiring_eval.py", "tests/test_cli.py"],
 }
 SWAP = {"+": "-", "-": "+", "*": "/", "/": "*", "//": "*", "**": "*", "<": "<=", "<=": "<", ">": ">=", ">=": ">",

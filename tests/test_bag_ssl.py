@@ -268,6 +268,7 @@ def run(args, env=None, **kw):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=e, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss,extra", [("simclr", ["--multiscale"]), ("vicreg", [])])
 def test_cli_runs_and_writes_a_checkpoint(tmp_path, loss, extra):
     r = run(["bag_ssl.py", *TINY, "--loss", loss, "--subset", "64", "--batch-size", "16", "--max-steps", "2",

@@ -105,6 +105,7 @@ def finished_run(tmp_path_factory):
     return out, r
 
 
+@pytest.mark.slow
 def test_progress_counts_to_the_stop_step_and_a_closing_line_names_the_checkpoint(finished_run):
     out, r = finished_run
     lines = [x for x in r.stdout.splitlines() if x.startswith("epoch")]
@@ -114,6 +115,7 @@ def test_progress_counts_to_the_stop_step_and_a_closing_line_names_the_checkpoin
     assert last.startswith("done: ran steps 1-3 of 8") and str(out / "checkpoint.pt") in last, last
 
 
+@pytest.mark.slow
 def test_first_and_last_step_are_logged_with_a_long_log_every(tmp_path, capsys):
     out = tmp_path / "run"
     code, stdout, _ = call(emp_ssl.main, TINY + ["--max-steps", "3", "--log-every", "100", "--out", str(out)], capsys)
@@ -140,6 +142,7 @@ def test_existing_run_is_never_overwritten_or_mixed(extra, needle, finished_run,
     assert not glob.glob(str(out / "*.tmp*"))
 
 
+@pytest.mark.slow
 def test_resume_may_change_runtime_flags_and_logs_each_step_once(finished_run, tmp_path, capsys):
     """The run's checkpoint is at step 3 but a crash may leave later lines in metrics.jsonl: they go."""
     src, _ = finished_run
@@ -191,6 +194,7 @@ def test_interrupted_save_removes_its_temporary_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_where_the_run_stopped_and_exits_130(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -232,6 +236,7 @@ def test_ctrl_c_line_of_a_probe_names_no_step(capsys, monkeypatch):
 # --- the learning-rate horizon ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_lr_at_every_step_is_the_cosine_over_the_schedule_horizon_across_a_resume(tmp_path, capsys):
     """--epochs 1 --schedule-epochs 3: 4 steps of a 12-step cosine (64 images / 16), run as 2 + 2."""
     out = tmp_path / "run"
@@ -502,6 +507,7 @@ def test_a_method_file_imports_nothing_of_the_project_but_common(method):
     assert names - ours <= {"torch", "numpy", "torchvision", *sys.stdlib_module_names}, names - ours
 
 
+@pytest.mark.slow
 def test_emp_ssl_py_and_common_py_alone_train_a_run(tmp_path):
     """Forking a method is two files: emp_ssl.py and common.py, copied alone into an empty folder, train
     and checkpoint (the other methods' imports are held by the test above)."""
@@ -566,6 +572,7 @@ def _image_folder(root, size, per_class):
                           str(root / split / f"c{c}" / f"{i}.png"))
 
 
+@pytest.mark.slow
 def test_views_probe_takes_the_views_of_the_run_stl10_and_cifar(tmp_path, monkeypatch, capsys):
     """eval_linear --mode views draws the views the run trained on, saved in its checkpoint: an
     STL-10-shaped multiaug run (96 px) its 64 px crops of scale (0.2, 1) and grayscale 0.1 (the
@@ -776,6 +783,7 @@ def test_knn_k_outside_one_to_the_probes_training_images_is_one_line(k, tmp_path
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_step_between_log_lines_and_checkpoints_never_waits_for_the_device(tmp_path, monkeypatch):
     """Run.step keeps the first non-finite step on the device and looks at it only where the run must
     know it (a log line, a checkpoint, a stop): the steps in between call nothing that makes the host
@@ -888,6 +896,7 @@ def test_adam_probe_keeps_its_learning_rate_and_smooths_labels(capsys):
     assert float(lines[-1][0]) > 0.1  # smoothed targets keep the cross-entropy away from 0
 
 
+@pytest.mark.slow
 def test_transfer_probe_and_a_repeated_setting_share_one_result_file(finished_run, tmp_path, capsys):
     """A checkpoint trained on the synthetic set, probed on another data set (an ImageFolder of dark and
     bright noise, which any backbone separates): the result names both, --train-dataset is checked, and
@@ -953,6 +962,7 @@ def test_float32_extraction_is_its_own_probe_setting(monkeypatch):
     assert seen == [True, False]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_compile_and_no_sync_bn_reach_the_network_of_every_script(method, tmp_path, monkeypatch):
     """--compile hands the (wrapped) training network to torch.compile once; --no-sync-bn reaches

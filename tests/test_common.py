@@ -442,6 +442,7 @@ def _dist_worker(rank, world, za, zb, zv, n, x, state):
     return out
 
 
+@pytest.mark.slow
 def test_gather_gather_views_and_ddp_two_processes_equal_one_process():
     torch.manual_seed(0)
     B, d, n, world = 8, 5, 3, 2

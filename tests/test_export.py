@@ -11,6 +11,8 @@ import common
 from cli_util import call
 from tools import export
 
+pytestmark = pytest.mark.slow  # the full run only (python -m pytest -q --full)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -288,6 +288,7 @@ def _run(args, env=None, check=True, script="multiaug_ssl.py"):
 TINY = ["--dataset", "synthetic", "--arch", "resnet18", "--out-size", "16", "--pdim", "32", "--log-every", "1"]
 
 
+@pytest.mark.slow
 def test_run_with_fraction_views_and_vicreg_writes_a_probeable_checkpoint(tmp_path):
     out = tmp_path / "run"
     ma.main([*TINY, "--views", "4", "--loss", "vicreg", "--subset", "128", "--train-fraction", "0.25",

@@ -271,6 +271,7 @@ def test_augmentation_and_calibrate_flags_reach_the_run(tmp_path, monkeypatch):
     assert _bank(tmp_path / "r")["args"]["calibrate_bn"] == "train"
 
 
+@pytest.mark.slow
 def test_table6_flags_change_what_table6_says(tmp_path):
     """One step of each row of Table 6 from the same seed: the first batch, the views and z are
     the same in every run, so each flag shows only its own effect."""

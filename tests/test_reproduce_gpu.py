@@ -70,6 +70,7 @@ def test_the_control_and_the_authors_projector_run_first(tmp_path):
         assert w[w.index("--proj") + 1] == "4096-4096-1024" and ("--amp" in w) == stage.endswith("fp32"), stage
 
 
+@pytest.mark.slow
 def test_gpu_bench_smoke_runs_every_row_on_the_cpu():
     """bench/gpu.py --smoke: every section at toy size, so that a GPU session spends its minutes measuring."""
     import re

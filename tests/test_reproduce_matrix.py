@@ -197,6 +197,7 @@ def test_each_flag_set_trains_a_step_on_synthetic_and_its_probes_run(key, tmp_pa
 # --- bench/methods.py -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_methods_bench_smoke_prints_every_method_row_with_positive_numbers(capsys):
     spec = importlib.util.spec_from_file_location("bench_methods", os.path.join(ROOT, "bench", "methods.py"))
     bench = importlib.util.module_from_spec(spec)
