@@ -334,17 +334,17 @@ def test_bad_patch_size_exits_2_with_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_tcr_short_run_beats_random_init_on_three_seeds(tmp_path, monkeypatch):
-    """BagSSL's fixed-scale patch pairs (14 px, two per image, the CIFAR recipe's views at 16 px) under
-    its TCR loss (App. C.1: lambda 30, eps^2 0.2, LARS, warm-up + cosine over the run) lift the
-    backbone's k-NN accuracy above its random init by learn_util.MARGIN on each of three seeds, on
-    learn_util.grating_set. Without BYOL's blur (the period-4 grating does not survive it at 16 px), at lr
-    0.1 for the batch of 32 (see above). On the coarse-texture set WITH the blur (the recipe) 60 steps gain
-    +4.4 (seed 0): not a check (docs/results.md#learning-checks-on-the-coarse-texture-set)."""
+def test_tcr_short_run_beats_random_init(tmp_path, monkeypatch):
+    """BagSSL's fixed-scale patch pairs (14 px, two per image, the CIFAR recipe's views at 16 px) under its TCR
+    loss (App. C.1: lambda 30, eps^2 0.2, LARS, warm-up + cosine over the run) lift the backbone's k-NN accuracy
+    above its random init by learn_util.MARGIN, seed 0 (the full run's budget; seeds 1 and 2 measured above), on
+    learn_util.grating_set. Without BYOL's blur (the period-4 grating does not survive it at 16 px), at lr 0.1
+    for the batch of 32 (see above). On the coarse-texture set WITH the blur (the recipe) 60 steps gain +4.4
+    (seed 0): not a check (docs/results.md#learning-checks-on-the-coarse-texture-set)."""
     acc = learning_margins(bag_ssl.main, ["--arch", "resnet18", "--out-size", "16", "--loss", "tcr", "--no-blur",
                                           "--lr", "0.1", "--subset", "960", "--batch-size", "32", "--epochs", "2",
                                           "--log-every", "30"],
-                           tmp_path, monkeypatch)
+                           tmp_path, monkeypatch, seeds=(0,))
     assert_learns(acc)
 
 

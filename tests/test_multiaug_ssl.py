@@ -392,16 +392,16 @@ def test_two_process_gloo_equals_one_process_on_concatenated_batch():
 
 
 @pytest.mark.slow
-def test_barlow_twins_short_run_beats_random_init_on_three_seeds(tmp_path, monkeypatch):
-    """The default loss (Barlow Twins, Eq. 10, lambda by the authors' rule for 4 views at pdim 256:
-    0.01) lifts the backbone's k-NN accuracy above its random init by learn_util.MARGIN on each of
-    three seeds. Views are 16 px crops at about the image's pixel scale (--scale 0.2 0.35, --out-size
-    16): with the default (0.08, 1) crops squeezed to 16 px the period-4 gratings alias (60 steps:
-    57.0 vs 60.3 under a central probe). On learn_util.grating_set: on the coarse-texture set 60 steps do
-    not learn, at the default scale (+5.2) or at (0.2, 0.35) (-13.2; seed 0)."""
+def test_barlow_twins_short_run_beats_random_init(tmp_path, monkeypatch):
+    """The default loss (Barlow Twins, Eq. 10, lambda by the authors' rule for 4 views at pdim 256: 0.01) lifts the
+    backbone's k-NN accuracy above its random init by learn_util.MARGIN, seed 0 (the full run's budget; seeds 1
+    and 2 measured above). Views are 16 px crops at about the image's pixel scale (--scale 0.2 0.35, --out-size
+    16): with the default (0.08, 1) crops squeezed to 16 px the period-4 gratings alias (60 steps: 57.0 vs 60.3
+    under a central probe). On learn_util.grating_set: on the coarse-texture set 60 steps do not learn, at the
+    default scale (+5.2) or at (0.2, 0.35) (-13.2; seed 0)."""
     acc = learning_margins(ma.main, ["--arch", "resnet18", "--out-size", "16", "--views", "4", "--batch-size", "16",
                                      "--subset", "960", "--epochs", "1", "--scale", "0.2", "0.35", "--log-every", "60"],
-                           tmp_path, monkeypatch)
+                           tmp_path, monkeypatch, seeds=(0,))
     assert_learns(acc)
 
 
