@@ -104,3 +104,13 @@ def test_every_method_takes_a_small_backbone(method, extra, tmp_path):
     ck = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 1 and ck["probe"]["arch"] == "mobilenet_v3_small"
     assert all(torch.isfinite(v.float()).all() for v in ck["model"].values())
+
+
+def test_resnet_cifar_stem_is_a_3x3_stride_1_conv_without_bias_and_no_max_pool():
+    """The CIFAR ResNet stem (kuangliu/pytorch-cifar, as the four papers' CIFAR code): conv1 3x3, stride 1,
+    padding 1, no bias (BatchNorm follows, as after torchvision's 7x7 conv1), no max-pool. Catches a bias added
+    (tools/export.py's torchvision model would then not load the weights)."""
+    net = common.backbone("resnet18", "cifar")
+    c = net.conv1
+    assert (c.kernel_size, c.stride, c.padding, c.in_channels, c.out_channels) == ((3, 3), (1, 1), (1, 1), 3, 64)
+    assert c.bias is None and isinstance(net.maxpool, nn.Identity)

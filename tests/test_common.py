@@ -566,6 +566,14 @@ def test_synthetic_set_deterministic_uint8_balanced():
     assert len(common.load_dataset("synthetic", None, "test", seed=1)) == 2000
 
 
+def test_augconfig_defaults_are_emp_ssl_a1():
+    """AugConfig() is EMP-SSL's A.1 recipe (VICReg's), normalised 0.5 / 0.5 as the authors' code: every caller that
+    leaves a value out gets it. Catches a class default changed (e.g. blur p 0.2)."""
+    assert vars(common.AugConfig()) == {"flip": 0.5, "jitter": (0.4, 0.4, 0.4, 0.2), "p_jitter": 0.8, "p_gray": 0.2,
+                                        "p_blur": 0.1, "blur_sigma": (0.1, 2.0), "p_solarize": 0.1,
+                                        "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+
 @pytest.mark.parametrize("scale", [1.0, 0.08])  # the whole image squeezed to 16 px; the smallest crop
 def test_synthetic_class_survives_the_strongest_default_augmentation_at_16px(scale):
     """The class is in coarse luminance structure: after a crop of `scale` resized to 16 px, blur at sigma 2
