@@ -773,6 +773,15 @@ def test_every_numeric_flag_refuses_zero_negative_and_absurd_values_in_one_line(
     assert tried >= 3 * len(numeric) - len(ZERO_OK)
 
 
+@pytest.mark.parametrize("script,flag", [("eval_linear", "--label-smoothing"), ("npid_sqrtkl", "--bank-momentum")])
+def test_a_half_open_range_names_its_open_end(script, flag, tmp_path, capsys):
+    """1 is outside [0, 1): the line says so (not "at most 1", which 1 is)."""
+    import importlib
+    base = ["--ckpt", "random"] if script == "eval_linear" else []
+    code, _, err = call(importlib.import_module(script).main, base + ["--out", str(tmp_path / "o"), flag, "1"], capsys)
+    one_error_line(code, err, f"{flag} must be in [0, 1), not 1")
+
+
 @pytest.mark.parametrize("k", ["0", "-5", "20,x", "500"])
 def test_knn_k_outside_one_to_the_probes_training_images_is_one_line(k, tmp_path, capsys):
     out = tmp_path / "probe"
