@@ -773,6 +773,11 @@ def test_every_numeric_flag_refuses_zero_negative_and_absurd_values_in_one_line(
     assert tried >= 3 * len(numeric) - len(ZERO_OK)
 
 
+def test_eval_without_a_checkpoint_is_one_error_line(capsys):
+    code, _, err = call(eval_linear.main, [], capsys)
+    one_error_line(code, err, "the following arguments are required: --ckpt")
+
+
 @pytest.mark.parametrize("script,flag", [("eval_linear", "--label-smoothing"), ("npid_sqrtkl", "--bank-momentum")])
 def test_a_half_open_range_names_its_open_end(script, flag, tmp_path, capsys):
     """1 is outside [0, 1): the line says so (not "at most 1", which 1 is)."""
