@@ -566,6 +566,16 @@ def test_synthetic_set_deterministic_uint8_balanced():
     assert len(common.load_dataset("synthetic", None, "test", seed=1)) == 2000
 
 
+def test_central_view_of_a_flat_image_is_its_normalised_value():
+    """A flat uint8 image v resized to any side is (v / 255 - mean) / std per channel. Catches mean and std
+    swapped, or 256 for 255."""
+    img = torch.tensor([200, 30, 90], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 20, 20)
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 0.125)
+    want = (torch.tensor([200, 30, 90]) / 255 - torch.tensor(mean)) / torch.tensor(std)
+    out = common.central_view(img, 12, mean, std)
+    assert out.shape == (2, 3, 12, 12) and torch.allclose(out, want.view(1, 3, 1, 1).expand_as(out), atol=1e-5)
+
+
 def test_augconfig_defaults_are_emp_ssl_a1():
     """AugConfig() is EMP-SSL's A.1 recipe (VICReg's), normalised 0.5 / 0.5 as the authors' code: every caller that
     leaves a value out gets it. Catches a class default changed (e.g. blur p 0.2)."""
