@@ -11,8 +11,8 @@ session and shared by every check that uses it (one probe, one architecture: the
 These checks run on grating_set below, the synthetic set until 2026-12-07 (a period-4 or period-9
 grating carries the class): on the coarse-texture set that replaced it (common.synthetic_set) BagSSL's
 TCR and Barlow Twins do not learn within a check's budget of 60 steps, with or without their
-departures (docs/results.md#learning-checks-on-the-coarse-texture-set); the EMP-SSL check and the
-README's quick start run on common.synthetic_set.
+departures (docs/results.md#learning-checks-on-the-coarse-texture-set); the EMP-SSL check, which is the
+README's quick start (tests/test_emp_ssl.py), runs on common.synthetic_set.
 
 The probe is one 16 px patch at a fixed position, at the image's own pixel scale (--mode bag
 --patches 1 --patch-size 16 --out-size 16): the grating that carries the class covers the whole
