@@ -1,23 +1,18 @@
-"""The learning checks of the method scripts: on `synthetic`, a short run of a script must lift the
-k-NN accuracy of its backbone above a random init's under the same probe, on each of three seeds,
-by MARGIN points.
+"""The learning checks of the method scripts: on `synthetic` (common.synthetic_set, the coarse textures), a
+short run of a script on its method's recipe (only sizes and the learning rate for the batch changed) must
+lift the k-NN accuracy of its backbone above a random init's under the same probe by MARGIN points.
 
 Everything runs in the test's process (the scripts' main() and eval_linear.main()): a subprocess
-costs seconds of imports each (5 s under load), and a check of three seeds runs three trainings and
-up to six probes. The synthetic set of a seed is generated once per test (a pure function of split
-and seed: the run and the probe share it); the random-init probe of a seed is computed once per
-session and shared by every check that uses it (one probe, one architecture: the same number).
+costs seconds of imports each (5 s under load). The synthetic set of a seed is generated once per test
+(a pure function of split and seed: the run and the probe share it); the random-init probe of a seed is
+computed once per session and shared by every check that uses it (one probe, one architecture: the same
+number).
 
-These checks run on grating_set below, the synthetic set until 2026-12-07 (a period-4 or period-9
-grating carries the class): on the coarse-texture set that replaced it (common.synthetic_set) BagSSL's
-TCR and Barlow Twins do not learn within a check's budget of 60 steps, with or without their
-departures (docs/results.md#learning-checks-on-the-coarse-texture-set); the EMP-SSL check, which is the
-README's quick start (tests/test_emp_ssl.py), runs on common.synthetic_set.
-
-The probe is one 16 px patch at a fixed position, at the image's own pixel scale (--mode bag
---patches 1 --patch-size 16 --out-size 16): the grating that carries the class covers the whole
-image, so the patch holds all of it, at the cost of a 16 px central view; a 16 px central view
-would halve the pixel scale and take the period-4 gratings to the Nyquist limit."""
+The probe is one 16 px patch at a fixed position, at the image's own pixel scale (--mode bag --patches 1
+--patch-size 16 --out-size 16). Barlow Twins' check still runs on grating_set, the synthetic set until
+2026-12-07 (a period-4 or period-9 grating carries the class), with a departure (tests/test_multiaug_ssl.py).
+The EMP-SSL check is the README's quick start (tests/test_emp_ssl.py) and
+NPID's runs its own central probe (tests/test_npid_sqrtkl.py)."""
 import functools
 import math
 
@@ -33,8 +28,6 @@ MARGIN = 10.0  # points of k-NN (k 20) accuracy, on every seed
 PROBE = ["--dataset", "synthetic", "--arch", "resnet18", "--mode", "bag", "--patches", "1", "--patch-size", "16",
          "--out-size", "16", "--probe", "knn", "--knn-k", "20", "--subset", "500", "--test-subset", "250",
          "--workers", "0"]
-
-
 
 def grating_set(split, seed=0, n=None):
     """32x32 images whose class is a grating's orientation (5) and period (4 or 9 px); its sign, phase,
@@ -57,8 +50,7 @@ def grating_set(split, seed=0, n=None):
     return common.ImageSet(labels, 10, 32, images=(img.clamp(0, 1) * 255).round().to(torch.uint8))
 
 
-_synthetic = functools.lru_cache(maxsize=None)(grating_set)
-_random = {}  # seed -> k20 of the random-init backbone under PROBE
+_random = {}  # (data, seed) -> k20 of the random-init backbone under PROBE
 
 
 def _probe(ckpt, seed, out):
@@ -66,30 +58,28 @@ def _probe(ckpt, seed, out):
     return eval_result(out)["knn"]["k20"]
 
 
-def random_knn(seed, tmp_path):
+def random_knn(seed, tmp_path, data):
     """k-NN accuracy of a random ResNet-18 (eval_linear --ckpt random --seed seed: the same
     torch.manual_seed(seed) draw as the initial backbone of a run with --seed seed) under PROBE."""
-    if seed not in _random:
-        _random[seed] = _probe("random", seed, tmp_path / f"random{seed}")
-    return _random[seed]
+    if (data, seed) not in _random:
+        _random[data, seed] = _probe("random", seed, tmp_path / f"random{seed}")
+    return _random[data, seed]
 
 
-def learning_margins(main, argv, tmp_path, monkeypatch, seeds=SEEDS):
+def learning_margins(main, argv, tmp_path, monkeypatch, seeds=SEEDS, data=common.synthetic_set):
     """Train `main` (a script's main) with argv on each seed, probe it and random init under PROBE:
-    {seed: (trained, random)} k20 accuracies in %."""
-    monkeypatch.setattr(common, "synthetic_set", _synthetic)
-    try:
-        return _train_and_probe(main, argv, tmp_path, seeds)
-    finally:
-        _synthetic.cache_clear()  # about 36 MB a seed: not held for the rest of the session
+    {seed: (trained, random)} k20 accuracies in %. `data` stands for common.synthetic_set (grating_set)."""
+    cached = functools.lru_cache(maxsize=None)(data)  # about 36 MB a seed: not held for the rest of the session
+    monkeypatch.setattr(common, "synthetic_set", cached)
+    return _train_and_probe(main, argv, tmp_path, seeds, data)
 
 
-def _train_and_probe(main, argv, tmp_path, seeds):
+def _train_and_probe(main, argv, tmp_path, seeds, data):
     acc = {}
     for s in seeds:
         run = tmp_path / f"run{s}"
         main([*argv, "--dataset", "synthetic", "--seed", str(s), "--out", str(run), "--workers", "0"])
-        acc[s] = (_probe(run / "checkpoint.pt", s, tmp_path / f"trained{s}"), random_knn(s, tmp_path))
+        acc[s] = (_probe(run / "checkpoint.pt", s, tmp_path / f"trained{s}"), random_knn(s, tmp_path, data))
         print(f"learning check, seed {s}: k20 trained {acc[s][0]:.1f}, random init {acc[s][1]:.1f}", flush=True)
     return acc
 
