@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 import common
-from probe_util import eval_result
 import emp_ssl
 from dist_util import run_world
 from check_util import assert_state_dicts_close

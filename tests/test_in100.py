@@ -1,5 +1,5 @@
 """ImageNet-100 end to end on a tiny fake ImageNet: `tools/build_in100.py`, then each method's
-in100 recipe under 2-process torchrun (gloo, CPU) for 2 steps, a resume to step 3, and a k-NN
+in100 recipe under 2-process torchrun (gloo, CPU) for 2 steps, emp_ssl's resume to step 3, and a k-NN
 probe of the checkpoint; a corrupt JPEG in the tree is reported once and replaced, not fatal.
 emp_ssl's resumed run is compared weight for weight with 3 steps run without a stop (the
 file-backed loader with workers), and its probe's k-NN numbers with a direct computation.
@@ -188,17 +188,20 @@ def test_corrupt_file_is_reported_once_and_replaced(in100, capsys):
 
 
 def pipeline(method, data, out):
-    """Run 2 steps, resume to step 3, probe; what the test checks, stopping at the first failure."""
+    """Run 2 steps, resume to step 3 (emp_ssl; the other methods' resume is checked at 32 px in their own test
+    files: here it would repeat the same loader at the cost of a torchrun start each), probe; what the test
+    checks, stopping at the first failure."""
     res = {"out": out, "run": torchrun(method, data, out, ["--max-steps", "2"])}
     if res["run"].returncode:
         return res
     ckpt = common.load_checkpoint(os.path.join(out, "checkpoint.pt"), method)  # before the resume rewrites it
     res["ckpt"] = {"step": ckpt["step"], "rng": len(ckpt["rng"]), "args": ckpt["args"],
                    "conv1": ckpt["backbone"]["conv1.weight"]}
-    res["resume"] = torchrun(method, data, out, ["--max-steps", "3", "--resume"])
-    if res["resume"].returncode:
-        return res
-    res["step_after_resume"] = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"]
+    if method == "emp_ssl":
+        res["resume"] = torchrun(method, data, out, ["--max-steps", "3", "--resume"])
+        if res["resume"].returncode:
+            return res
+        res["step_after_resume"] = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"]
     probe = os.path.join(out, "probe")
     res["probe"] = run(["eval_linear.py", "--ckpt", os.path.join(out, "checkpoint.pt"), *PROBE, "--out", probe])
     if res["probe"].returncode == 0:
@@ -224,7 +227,7 @@ def runs(in100, tmp_path_factory):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_runs_resumes_and_probes_on_in100(method, runs, in100):
-    """Exit 0 through the corrupt file (with its warning), resume from step 2 to 3, k-NN probe."""
+    """Exit 0 through the corrupt file (with its warning), resume from step 2 to 3 (emp_ssl), k-NN probe."""
     res = runs[method]
     r = res["run"]
     assert r.returncode == 0, r.stderr[-3000:]
@@ -237,10 +240,11 @@ def test_method_runs_resumes_and_probes_on_in100(method, runs, in100):
     assert lines and all(line.endswith("using a grey image instead") for line in lines), r.stderr[-3000:]
     assert "Traceback" not in r.stderr
 
-    r = res["resume"]
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert re.search(r"resumed from \S*checkpoint\.pt at step 2\b", r.stdout), r.stdout[-2000:]
-    assert res["step_after_resume"] == 3
+    if method == "emp_ssl":
+        r = res["resume"]
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert re.search(r"resumed from \S*checkpoint\.pt at step 2\b", r.stdout), r.stdout[-2000:]
+        assert res["step_after_resume"] == 3
 
     r = res["probe"]
     assert r.returncode == 0, r.stderr[-3000:]

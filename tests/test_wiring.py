@@ -24,7 +24,7 @@ import common
 import emp_ssl
 import multiaug_ssl
 import npid_sqrtkl
-from wiring_util import aug_dict, argv, metrics, numbers, optimised, params_of, spy, spy_optimizer
+from wiring_util import aug_dict, argv, metrics, numbers, optimised, params_of, spies, spy, spy_optimizer
 
 pytestmark = pytest.mark.usefixtures("cached_synthetic")  # tests/conftest.py
 
@@ -185,16 +185,10 @@ def test_emp_ssl_recipe_values_reach_the_computation(sampler, tmp_path, monkeypa
     out = tmp_path / "run"
     d = defaults_of("emp_ssl", tmp_path, monkeypatch)
     made = spy_optimizer(monkeypatch, common, "LARS")
-    sched = spy(monkeypatch, common, "cosine_lr")
-    patches = spy(monkeypatch, common, "sample_patches")
-    boxes = spy(monkeypatch, common, "random_resized_boxes")
-    crops = spy(monkeypatch, common, "resized_crops")
-    augs = spy(monkeypatch, common, "augment")
-    projs = spy(monkeypatch, common, "projector")
-    nets = spy(monkeypatch, common, "backbone")
-    losses = spy(monkeypatch, emp_ssl, "emp_loss")
-    rates = spy(monkeypatch, emp_ssl, "total_coding_rate")
-    ckpt_fwd = spy(monkeypatch, emp_ssl, "forward_checkpointed")
+    sched, patches, boxes, crops, augs, projs, nets = spies(
+        monkeypatch, common, "cosine_lr", "sample_patches", "random_resized_boxes", "resized_crops",
+        "augment", "projector", "backbone")
+    losses, rates, ckpt_fwd = spies(monkeypatch, emp_ssl, "emp_loss", "total_coding_rate", "forward_checkpointed")
     steps = spy(monkeypatch, common.Run, "step")
     run_main(emp_ssl, f, out, d)
 
@@ -289,20 +283,11 @@ def test_bag_ssl_recipe_values_reach_the_computation(loss, tmp_path, monkeypatch
     out = tmp_path / "run"
     d = defaults_of("bag_ssl", tmp_path, monkeypatch)
     made = spy_optimizer(monkeypatch, common, "LARS")
-    sched = spy(monkeypatch, common, "cosine_lr")
-    patches = spy(monkeypatch, common, "sample_patches")
-    views = spy(monkeypatch, common, "sample_views")
-    boxes = spy(monkeypatch, common, "random_resized_boxes")
-    augs = spy(monkeypatch, common, "augment")
-    projs = spy(monkeypatch, common, "projector")
-    nets = spy(monkeypatch, common, "backbone")
-    vicregs = spy(monkeypatch, bag_ssl, "vicreg")
-    simclrs = spy(monkeypatch, bag_ssl, "simclr")
-    tcrs = spy(monkeypatch, bag_ssl, "tcr")
-    rates = spy(monkeypatch, bag_ssl, "total_coding_rate")
-    byols = spy(monkeypatch, bag_ssl, "byol")
-    taus = spy(monkeypatch, bag_ssl, "byol_tau")
-    emas = spy(monkeypatch, bag_ssl, "ema_update")
+    sched, patches, views, boxes, augs, projs, nets = spies(
+        monkeypatch, common, "cosine_lr", "sample_patches", "sample_views", "random_resized_boxes", "augment",
+        "projector", "backbone")
+    vicregs, simclrs, tcrs, rates, byols, taus, emas = spies(
+        monkeypatch, bag_ssl, "vicreg", "simclr", "tcr", "total_coding_rate", "byol", "byol_tau", "ema_update")
     steps = spy(monkeypatch, common.Run, "step")
     run_main(bag_ssl, f, out, d)
 
@@ -417,13 +402,9 @@ def test_multiaug_ssl_recipe_values_reach_the_computation(loss, tmp_path, monkey
     out = tmp_path / "run"
     d = defaults_of("multiaug_ssl", tmp_path, monkeypatch)
     made = spy_optimizer(monkeypatch, torch.optim, "Adam")
-    sched = spy(monkeypatch, common, "cosine_lr")
-    setlr = spy(monkeypatch, common, "set_lr")
-    views = spy(monkeypatch, common, "sample_views")
-    boxes = spy(monkeypatch, common, "random_resized_boxes")
-    augs = spy(monkeypatch, common, "augment")
-    projs = spy(monkeypatch, common, "projector")
-    nets = spy(monkeypatch, common, "backbone")
+    sched, setlr, views, boxes, augs, projs, nets = spies(
+        monkeypatch, common, "cosine_lr", "set_lr", "sample_views", "random_resized_boxes", "augment",
+        "projector", "backbone")
     barlows = spy(monkeypatch, multiaug_ssl, "barlow_loss")
     vicregs = spy(monkeypatch, multiaug_ssl, "vicreg_loss")
     steps = spy(monkeypatch, common.Run, "step")
@@ -511,12 +492,8 @@ def test_npid_sqrtkl_recipe_values_reach_the_computation(variant, tmp_path, monk
     out = tmp_path / "run"
     d = defaults_of("npid_sqrtkl", tmp_path, monkeypatch)
     made = spy_optimizer(monkeypatch, torch.optim, "SGD")
-    sched = spy(monkeypatch, common, "cosine_lr")
-    views = spy(monkeypatch, common, "sample_views")
-    boxes = spy(monkeypatch, common, "random_resized_boxes")
-    augs = spy(monkeypatch, common, "augment")
-    projs = spy(monkeypatch, common, "projector")
-    nets = spy(monkeypatch, common, "backbone")
+    sched, views, boxes, augs, projs, nets = spies(
+        monkeypatch, common, "cosine_lr", "sample_views", "random_resized_boxes", "augment", "projector", "backbone")
     cals = spy(monkeypatch, npid_sqrtkl, "calibrate", copy=("result",))
     rands = spy(monkeypatch, npid_sqrtkl, "random_bank", copy=("result",))
     losses = spy(monkeypatch, npid_sqrtkl, "instance_loss")

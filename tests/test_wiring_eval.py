@@ -7,7 +7,7 @@ holds that list to parse_args: a new flag fails it until it is covered), and spi
 received: the optimiser's hyper-parameters at every step, the schedule's horizon and milestones in steps, the
 loss's label smoothing and batch sizes, k-NN's k and T, the patch boxes, crop sizes and counts, the views and
 their augmentation, the subsets and the seeds. The last tests hold the defaults to the papers, with sections."""
-import inspect
+import functools
 import math
 import os
 
@@ -18,6 +18,9 @@ import torch.nn.functional as F
 import common
 import emp_ssl
 import eval_linear
+import wiring_util
+
+spy = functools.partial(wiring_util.spy, flat=True)  # each call: {parameter: argument, ..., "returned": ...}
 
 N_TRAIN, N_TEST = 200, 60  # the synthetic splits of these tests (smaller than the real ones: faster to make)
 # the checkpoint's run (a small backbone, for speed): its patch side and input side are the probe's defaults
@@ -86,22 +89,6 @@ def run_probe(ckpt, out, **over):
         flag = "--" + dest.replace("_", "-")
         argv += [flag] if v is True else [] if v is False else [flag, str(v)]
     return eval_linear.main(argv)
-
-
-def spy(monkeypatch, owner, name):
-    """Replace owner.name by a wrapper that records the arguments of every call by parameter name (defaults
-    filled in) and what it returned."""
-    real = getattr(owner, name)
-    sig = inspect.signature(real)
-    calls = []
-
-    def wrapper(*a, **k):
-        bound = sig.bind(*a, **k)
-        bound.apply_defaults()
-        calls.append({**bound.arguments, "returned": real(*a, **k)})
-        return calls[-1]["returned"]
-    monkeypatch.setattr(owner, name, wrapper)
-    return calls
 
 
 def recording(cls, made):

@@ -6,11 +6,12 @@ import os
 import re
 
 
-def spy(monkeypatch, owner, name, copy=()):
+def spy(monkeypatch, owner, name, copy=(), flat=False):
     """Replace owner.name by a wrapper that records every call: {"args": the arguments by parameter name,
     defaults filled in, "result": what it returned}; for the tensor arguments named in `copy`, also their
     values "before" and "after" the call (the callee may change them in place, e.g. a memory bank); "result" in
-    `copy` keeps a copy of a returned tensor as "result_copy" (a tensor that is changed in place later)."""
+    `copy` keeps a copy of a returned tensor as "result_copy" (a tensor that is changed in place later).
+    flat: each call as {parameter: argument, ..., "returned": what it returned} (tests/test_wiring_eval.py)."""
     real = getattr(owner, name)
     sig = inspect.signature(real)
     calls = []
@@ -18,6 +19,9 @@ def spy(monkeypatch, owner, name, copy=()):
     def wrapper(*a, **k):
         bound = sig.bind(*a, **k)
         bound.apply_defaults()
+        if flat:
+            calls.append({**bound.arguments, "returned": real(*a, **k)})
+            return calls[-1]["returned"]
         rec = {"args": dict(bound.arguments)}
         names = [c for c in copy if c != "result"]
         rec["before"] = {c: rec["args"][c].detach().clone() for c in names}
@@ -30,6 +34,11 @@ def spy(monkeypatch, owner, name, copy=()):
 
     monkeypatch.setattr(owner, name, wrapper)
     return calls
+
+
+def spies(monkeypatch, owner, *names):
+    """spy() on each of owner's names, in that order."""
+    return [spy(monkeypatch, owner, name) for name in names]
 
 
 def spy_optimizer(monkeypatch, owner, name):
