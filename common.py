@@ -75,7 +75,7 @@ def sample_patches(images, n, size, out_size, generator=None):
     return x, boxes
 
 
-def random_resized_boxes(n, h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None, device="cpu"):
+def random_resized_boxes(n, h, w, scale, ratio, generator=None, device="cpu"):
     """Boxes (top, left, height, width) as torchvision's RandomResizedCrop.get_params draws them,
     vectorised: 10 tries per sample, then the same central-crop fallback."""
     area = h * w

@@ -354,38 +354,29 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path):
 # --- learning check -----------------------------------------------------------------------------
 
 PROBE = ["--dataset", "synthetic", "--mode", "central", "--out-size", "32", "--probe", "knn", "--knn-k", "20",
-         "--subset", "500", "--test-subset", "250"]
-MARGIN = 10.0  # points of k20; with train-mode calibration and NPID's jitter (the defaults until 2026-11-26)
-# 93.2 / 83.2 / 85.6 (seeds 0 / 1 / 2) vs 52.8 random on an Intel Xeon, 90.8 / 66.8 / 84.4 on an AMD EPYC,
-# at 64 epochs. With today's defaults (eval-mode calibration, brightness/contrast jitter at p 0.8), on the
-# EPYC, one thread each: 64 epochs (256 steps) 81.6 / 64.8 / 76.8, whose lowest seed cleared random + MARGIN
-# by 2 points only; 96 epochs (384 steps) 87.2 / 96.4 / 88.8 (2026-11-26): the lowest clears random + MARGIN
-# (62.8) by 24, but this test then took 231 s in a CI dry run (about 150 s at 64) and the suite 911 s, over
-# its 15 minutes; 80 epochs (320 steps) 92.4 / 89.2 / 86.8 (2026-11-26): the lowest clears it by 24.0 at
-# about 190 s (multiaug_ssl's learning test went from 60 to 30 steps to pay for it).
-EPOCHS = 80
+         "--subset", "500", "--test-subset", "250", "--workers", "0"]
+MARGIN = 10.0  # points of k20
+# On the coarse-texture set (2026-12-08, 2-core AMD EPYC, one thread; results/cpu/coarse-texture/results.log), central
+# k20 trained vs random init 26.4 / 27.2 / 25.2 (seeds 0 / 1 / 2): --lam 0 at 56 epochs (224 steps) 62.0 / 58.4 / 52.8,
+# the lowest 15.6 points above random + MARGIN; at 80 epochs 72.8 (seed 0); at 32 epochs 23.6 (seed 0, no gain).
+# The recipe's lambda 20 at 80 epochs: 19.6 (seed 0), the CE at log N throughout.
+EPOCHS = 56
 
 
 @pytest.mark.slow
 def test_short_run_beats_random_init_under_the_same_central_knn_probe(tmp_path):
-    """Feature Calibrate + Grad Update at the paper's lr (0.1, cosine), 80 epochs of 128 synthetic
-    images (320 steps of 32, 16 px crops) lift the central k-NN accuracy of the backbone above a
-    random ResNet-18's. Without SqrtKL (--lam 0): at the paper's lambda = 20 the same run does not
-    learn (27.2 vs 52.8; the CE stays at log N and z collapses to one direction within 32 steps, in
-    every variant of N, tau, lr and calibration tried: docs/results.md#npid-on-the-synthetic-set), and
-    at 32 epochs the run is seed-dependent (82.4 / 24.8 / 60.4), at 64 less so, at 80 not (see
-    MARGIN). Seed 0 at 64 epochs: plain NPID (random bank, Eq. 3 update) 82.8, Grad Update alone (--no-calibrate) 82.4."""
-    # one after the other, all cores each: the training (320 short steps) is the long part, and
-    # side by side at one thread each it took longer (at 64 epochs 230 s against about 150 s)
-    train = subprocess.run([sys.executable, "npid_sqrtkl.py", "--dataset", "synthetic", "--subset", "128",
-                            "--batch-size", "32", "--out-size", "16", "--epochs", str(EPOCHS), "--lam", "0",
-                            "--log-every", "64", "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True)
-    assert train.returncode == 0, train.stderr[-2000:]
-    rnd = subprocess.run([sys.executable, "eval_linear.py", "--ckpt", "random", "--arch", "resnet18", *PROBE,
-                          "--out", str(tmp_path / "random")], cwd=ROOT, capture_output=True, text=True)
-    assert rnd.returncode == 0, rnd.stderr[-2000:]
+    """Feature Calibrate + Grad Update at the paper's lr (0.1, cosine), 56 epochs of 128 synthetic images (224 steps
+    of 32, 16 px crops) lift the central k-NN accuracy of the backbone above a random ResNet-18's by MARGIN. Changed
+    from the recipe: sizes (steps, batch, 16 px crops), and --lam 0 (no SqrtKL), the one departure of the learning
+    checks: at the paper's lambda 20 the same run does not learn (19.6 vs 26.4, the CE stays at log N; the same in
+    every reading of the paper measured on real CIFAR-10: docs/results.md#npid-readings). Catches a backbone or
+    memory bank that does not learn (e.g. the bank frozen, the Grad Update sign flipped: CE away from the batch's
+    own rows)."""
     import eval_linear
-    eval_linear.main(["--ckpt", str(tmp_path / "run" / "checkpoint.pt"), *PROBE, "--out", str(tmp_path / "trained")])
+    npid.main(["--dataset", "synthetic", "--subset", "128", "--batch-size", "32", "--out-size", "16", "--epochs",
+               str(EPOCHS), "--lam", "0", "--log-every", "64", "--workers", "0", "--out", str(tmp_path / "run")])
+    for name, ckpt in [("trained", [str(tmp_path / "run" / "checkpoint.pt")]), ("random", ["random", "--arch", "resnet18"])]:
+        eval_linear.main(["--ckpt", *ckpt, *PROBE, "--out", str(tmp_path / name)])
     acc = {k: eval_result(tmp_path / k)["knn"]["k20"] for k in ("trained", "random")}
     assert acc["trained"] > acc["random"] + MARGIN, acc
 

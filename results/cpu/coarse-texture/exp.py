@@ -1,4 +1,6 @@
-"""python exp.py method seed [extra flags...]: train on the candidate synthetic set, probe trained + random."""
+"""python exp.py method seed [extra flags...]: train on the candidate synthetic set, probe trained + random.
+BUG=onecrop|noinv|frozen plants a bug first: multiaug's views all one crop / Barlow's invariance term dropped /
+NPID's bank never updated."""
 import sys, json, os, time, shutil
 sys.path.insert(0, "/work/main"); sys.path.insert(0, "/tmp")
 import torch
@@ -6,6 +8,18 @@ torch.set_num_threads(int(os.environ.get("T", "2")))
 import common
 import eval_linear, emp_ssl, bag_ssl, multiaug_ssl, npid_sqrtkl
 M = {"emp": emp_ssl, "bag": bag_ssl, "ma": multiaug_ssl, "npid": npid_sqrtkl}
+bug = os.environ.get("BUG")
+if bug == "onecrop":
+    views = common.sample_views
+    def one_crop(images, m, *a, **k):
+        v, boxes = views(images, 1, *a, **k)
+        return v.repeat(m, 1, 1, 1), boxes.repeat(m, 1)
+    common.sample_views = one_crop
+elif bug == "noinv":
+    barlow = multiaug_ssl.barlow_loss
+    multiaug_ssl.barlow_loss = lambda Z, lam: (lam * barlow(Z, lam)[2], *barlow(Z, lam)[1:])
+elif bug == "frozen":
+    npid_sqrtkl.global_batch_update = lambda *a, **k: None
 method, seed, extra = sys.argv[1], sys.argv[2], sys.argv[3:]
 tag = os.environ.get("TAG", "x")
 out = f"/tmp/exp/{method}-{tag}-s{seed}"
