@@ -43,7 +43,7 @@ def parse_args(argv=None):
                            arch_help="backbone (App. C.1: resnet34 on CIFAR; C.2: resnet50 on in100)")
     a = p.add_argument
     a("--loss", default="vicreg", choices=LOSSES, help="joint-embedding objective (Sec. 4: all four; App. C.1)")
-    a("--patches", type=common.Number(int, 2, says="at least 2"), default=2,
+    a("--patches", type=common.Number(int, 2, 10 ** 9, says="at least 2"), default=2,
       help="patches (views) per image (Sec. 4.1: two patches per image)")
     a("--patch-size", type=common.COUNT, default=None, help="patch side in px (Tables 1-3: 14 on CIFAR, 100 on in100)")
     a("--out-size", type=common.COUNT, default=None, help="side the views are resized to (Sec. 4.1: 32 on CIFAR; 224 on in100)")

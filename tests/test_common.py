@@ -318,6 +318,7 @@ def test_sample_views_equal_interpolated_crops_view_major():
     v, boxes = common.sample_views(u8, m, 24, generator=torch.Generator().manual_seed(2))
     assert v.shape == (m * B, 3, 24, 24)
     assert len({tuple(b) for b in boxes[:, 2:].tolist()}) > 1  # crops of different sizes in one batch
+    assert len({tuple(b) for b in boxes.tolist()}) == m * B  # each view its own crop, not one per image repeated
     for k in range(m * B):
         close(v[k], crop_interp(u8[k % B].float() / 255, boxes[k], 24))
 

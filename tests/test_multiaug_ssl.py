@@ -393,7 +393,7 @@ def test_two_process_gloo_equals_one_process_on_concatenated_batch():
 # seed 0: the invariance term dropped (lambda * redundancy only) still gains +13.2 (a decorrelated random net probes
 # better), but its invariance term stays at 143-145 where the recipe's falls from 141-154 to 24-38: the check
 # asserts that fall too. All 4 views cut from one crop (colour jitter alone differs) gains +24.4: not a learning
-# check's catch (the views' boxes are checked in tests/test_wiring.py and tests/test_common.py).
+# check's catch (tests/test_common.py checks every view has its own box, tests/test_wiring.py the boxes drawn per view).
 
 
 @pytest.mark.slow
