@@ -101,7 +101,7 @@ def random_resized_boxes(n, h, w, scale, ratio, generator=None, device="cpu"):
     return torch.stack([top, left, chh, cw], 1)
 
 
-def sample_views(images, m, out_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
+def sample_views(images, m, out_size, scale, ratio=(3 / 4, 4 / 3), generator=None):
     """m random resized crops of each image, view-major like sample_patches, in [0,1]."""
     b, _, h, w = images.shape
     boxes = random_resized_boxes(m * b, h, w, scale, ratio, generator, images.device)

@@ -302,6 +302,15 @@ def test_random_resized_boxes_inside_with_area_and_ratio_in_range():
     assert (t == 0).any() and (t + bh == h).any()
 
 
+def test_views_and_patches_are_made_on_the_images_device():
+    """Every tensor of a draw is made on the images' device (the GPU pipeline never leaves the GPU): on the meta
+    device a tensor made on the CPU is an error. Catches a device= dropped, which a CPU run cannot otherwise see."""
+    x = torch.empty(3, 3, 32, 24, dtype=torch.uint8, device="meta")
+    for v, boxes in (common.sample_views(x, 2, 16, (0.08, 1.0)), common.sample_patches(x, 2, 16, 16)):
+        assert (v.device.type, boxes.device.type) == ("meta", "meta")
+        assert (tuple(v.shape), tuple(boxes.shape)) == ((6, 3, 16, 16), (6, 4))
+
+
 def test_random_resized_boxes_fallback_is_torchvisions_central_crop():
     # no try can fit (aspect >= 3 at >= 90% of the area): torchvision falls back to a central crop
     boxes = common.random_resized_boxes(50, 32, 32, (0.9, 1.0), (3.0, 4.0), torch.Generator().manual_seed(0))
@@ -315,7 +324,7 @@ def test_random_resized_boxes_fallback_is_torchvisions_central_crop():
 def test_sample_views_equal_interpolated_crops_view_major():
     B, m = 4, 3
     u8 = uint8_images(B, 32, seed=7)
-    v, boxes = common.sample_views(u8, m, 24, generator=torch.Generator().manual_seed(2))
+    v, boxes = common.sample_views(u8, m, 24, (0.08, 1.0), generator=torch.Generator().manual_seed(2))
     assert v.shape == (m * B, 3, 24, 24)
     assert len({tuple(b) for b in boxes[:, 2:].tolist()}) > 1  # crops of different sizes in one batch
     assert len({tuple(b) for b in boxes.tolist()}) == m * B  # each view its own crop, not one per image repeated
@@ -575,6 +584,16 @@ def test_central_view_of_a_flat_image_is_its_normalised_value():
     want = (torch.tensor([200, 30, 90]) / 255 - torch.tensor(mean)) / torch.tensor(std)
     out = common.central_view(img, 12, mean, std)
     assert out.shape == (2, 3, 12, 12) and torch.allclose(out, want.view(1, 3, 1, 1).expand_as(out), atol=1e-5)
+
+
+@pytest.mark.parametrize("side,out", [(32, 20), (20, 32)])
+def test_central_view_is_torchvisions_resize_then_normalize(side, out):
+    """The central probe's view is torchvision's Resize(out, antialias=True) and Normalize on the float image.
+    Catches align_corners or antialias flipped."""
+    import torchvision.transforms.v2.functional as TF
+    img, mean, std = uint8_images(3, side, seed=5), (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    want = TF.normalize(TF.resize(img.float() / 255, [out, out], antialias=True), mean, std)
+    close(common.central_view(img, out, mean, std), want)
 
 
 def test_augconfig_defaults_are_emp_ssl_a1():

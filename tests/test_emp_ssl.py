@@ -465,9 +465,9 @@ def test_resume_after_a_crash_mid_epoch_equals_the_uninterrupted_run(tmp_path):
 
 # --- the README's quick start: a short run learns, beating the random-init probe ---------------
 
-# The quick start (EMP-SSL's recipe, A.1's augmentation, Eq. 2's coefficients and LARS 0.3 included; changed: sizes only,
-# 32 steps of 32 images, 4 patches of 16 px each (Sec. 3: 200) left at 16 px (Sec. 3 resizes them to 32)) on the
-# coarse-texture synthetic set, probed by k-NN on 4-patch bags of 1,000 / 500
+# The quick start (EMP-SSL's recipe, A.1's augmentation, Eq. 2's coefficients and LARS 0.3 included; changed: sizes
+# only, 32 steps of 32 images, 4 patches of 16 px each (Sec. 3: 200) left at 16 px (Sec. 3 resizes them to 32)) on
+# the coarse-texture synthetic set, probed by k-NN on 4-patch bags of 1,000 / 500
 # images: 65.00 trained vs 34.80 random init (+30.2; 2-core AMD EPYC, README). On the former grating set:
 # 96.8 / 87.6 / 88.4 vs 48.4 (seeds 0 / 1 / 2, a 500 / 250 probe).
 LEARN_STEPS = 32

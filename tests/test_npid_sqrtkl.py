@@ -375,7 +375,8 @@ def test_short_run_beats_random_init_under_the_same_central_knn_probe(tmp_path):
     import eval_linear
     npid.main(["--dataset", "synthetic", "--subset", "128", "--batch-size", "32", "--out-size", "16", "--epochs",
                str(EPOCHS), "--lam", "0", "--log-every", "64", "--workers", "0", "--out", str(tmp_path / "run")])
-    for name, ckpt in [("trained", [str(tmp_path / "run" / "checkpoint.pt")]), ("random", ["random", "--arch", "resnet18"])]:
+    for name, ckpt in [("trained", [str(tmp_path / "run" / "checkpoint.pt")]),
+                       ("random", ["random", "--arch", "resnet18"])]:
         eval_linear.main(["--ckpt", *ckpt, *PROBE, "--out", str(tmp_path / name)])
     acc = {k: eval_result(tmp_path / k)["knn"]["k20"] for k in ("trained", "random")}
     assert acc["trained"] > acc["random"] + MARGIN, acc

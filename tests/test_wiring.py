@@ -319,6 +319,7 @@ def test_bag_ssl_recipe_values_reach_the_computation(loss, tmp_path, monkeypatch
         assert views == [] and boxes == []
         assert [(len(c["args"]["images"]), c["args"]["n"], c["args"]["size"], c["args"]["out_size"]) for c in patches] \
             == [(B, n, f["patch_size"], f["out_size"])] * 2
+    assert all(c["args"]["generator"] is run.gen for c in views + patches)  # the run's seeded, resumable stream
     assert [tuple(c["args"]["x"].shape) for c in augs] == [(B, 3, f["out_size"], f["out_size"])] * (2 * n)
     assert [aug_dict(c["args"]["cfg"]) for c in augs] == [byol_aug(f["blur"], i % 2) for i in range(n)] * 2
     pairs = n * (n - 1) // 2 * 2  # every pair of views, 2 steps

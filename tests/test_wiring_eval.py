@@ -292,7 +292,7 @@ def test_views_mode_receives_views_and_out_size_and_the_papers_views(ckpt, tmp_p
                                    mean=info["mean"], std=info["std"]))
     assert all(plain(c["cfg"]) == paper for c in augs), plain(augs[0]["cfg"])
     g = torch.Generator().manual_seed(17)
-    assert torch.equal(views[0]["returned"][1], real(views[0]["images"], 2, 14, generator=g)[1])
+    assert torch.equal(views[0]["returned"][1], real(views[0]["images"], 2, 14, (0.08, 1.0), generator=g)[1])
     assert r["views"] == 3 and os.path.basename(r["path"]) == "eval-views-v3-o14-backbone-n13-11-seed17.json"
 
 
