@@ -17,7 +17,10 @@ if bug == "onecrop":
     common.sample_views = one_crop
 elif bug == "noinv":
     barlow = multiaug_ssl.barlow_loss
-    multiaug_ssl.barlow_loss = lambda Z, lam: (lam * barlow(Z, lam)[2], *barlow(Z, lam)[1:])
+    def no_invariance(Z, lam):
+        _, inv, red = barlow(Z, lam)
+        return lam * red, inv, red
+    multiaug_ssl.barlow_loss = no_invariance
 elif bug == "frozen":
     npid_sqrtkl.global_batch_update = lambda *a, **k: None
 method, seed, extra = sys.argv[1], sys.argv[2], sys.argv[3:]
